@@ -70,7 +70,10 @@ pub struct PropKey {
 
 impl PropKey {
     pub fn new(entity: impl Into<String>, property: impl Into<String>) -> Self {
-        PropKey { entity: entity.into(), property: property.into() }
+        PropKey {
+            entity: entity.into(),
+            property: property.into(),
+        }
     }
     pub fn is_delete(&self) -> bool {
         self.property == DELETE_PROPERTY

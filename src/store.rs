@@ -1,0 +1,1886 @@
+//! The outbox engine: a durable write-ahead outbox in one sled tree.
+//!
+//! # Invariants
+//! 1. `ingest` answers only after its updates are in the log AND the log is durable: one atomic
+//!    sled batch per commit group, then `flush()` and (in `Durability::Fsync`) fdatasync of the
+//!    store file and of any new blob file (group commit: one sync for every caller in the group).
+//! 2. The compactor folds log records into the pending set in sequence order, one atomic batch per
+//!    step: the records it folds are removed in the same batch that applies them, so a crash at
+//!    any point either redoes a step or finds it done. It never lets an older value win.
+//! 3. Per key, the pending value is the newest by `Version` (source ts, then seq). A value not
+//!    newer than the pending one, the last delivered one or the entity's last delete is counted
+//!    (superseded / late-dropped) and discarded; nothing else is ever discarded.
+//! 4. A pending value is removed only by `settle` with `Outcome::Delivered` for exactly its
+//!    version (compare-and-swap under the state lock), or moved to quarantine with its reason.
+//! 5. An entity is in at most one claimed (in-flight) batch at a time; claims live in memory and
+//!    are released on restart, so a crash can only cause a resend, never a loss.
+//! 6. The counters in `M counters` are written in the same batch as the change they count.
+//! 7. A record that fails its checksum or decoding is moved to the `X` area and counted; it never
+//!    stops progress. A store sled cannot open is moved aside and a fresh one started, loudly.
+//!
+//! # On-disk layout (one sled tree; key prefix byte, then the rest)
+//! | prefix | key                         | value                          |
+//! |--------|-----------------------------|--------------------------------|
+//! | `M`    | name                        | meta (`format_version` raw u32 BE, `next_seq` u64 BE, `counters`) |
+//! | `L`    | seq u64 BE                  | [`LogRecord`]: the write-ahead log, not yet compacted |
+//! | `P`    | keyenc(entity, property)    | [`PendingRecord`]: newest pending value per key |
+//! | `I`    | first_seq u64 BE + keyenc   | empty: delivery order (oldest pending first) |
+//! | `E`    | entity                      | u64 BE: pending keys of the entity |
+//! | `D`    | keyenc                      | [`DeliveredRecord`]: last delivered version and value hash |
+//! | `T`    | entity                      | [`TombstoneRecord`]: newest delete version of the entity |
+//! | `Q`    | keyenc                      | [`QuarantineRecord`]: rejected for good, with the reason |
+//! | `X`    | original key                | raw bytes of a record set aside as corrupt |
+//!
+//! `keyenc(e, p)` = entity length (u32 BE) + entity bytes + property bytes: unambiguous for any
+//! strings, and all keys of one entity share the prefix `len + entity`.
+//! An entity delete is the pending key `(entity, "__deleted__")` with the value `true`.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::model::{now_ms, PropKey, Update, UpdateOp, Version, DELETE_PROPERTY};
+use crate::record::{
+    self, Counters, DecodeError, DeliveredRecord, LogRecord, PendingRecord, QuarantineRecord,
+    TombstoneRecord, FORMAT_VERSION,
+};
+
+const META_FORMAT: &[u8] = b"Mformat_version";
+const META_NEXT_SEQ: &[u8] = b"Mnext_seq";
+const META_COUNTERS: &[u8] = b"Mcounters";
+/// The name of the sled directory inside the data directory.
+pub const STORE_DIR: &str = "store";
+/// Most updates gathered into one commit group (bounds the batch and the time callers wait).
+const GROUP_UPDATES_MAX: usize = 50_000;
+/// Most ingest requests waiting for the writer thread (backpressure beyond this).
+const INGEST_QUEUE_MAX: usize = 1024;
+
+/// How durable an acknowledged ingest is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Durability {
+    /// flush + fdatasync: survives kill -9 and power loss.
+    Fsync,
+    /// flush only: survives kill -9, not power loss (operator's explicit choice).
+    Flush,
+}
+
+#[derive(Clone, Debug)]
+pub struct StoreOptions {
+    pub durability: Durability,
+    pub cache_bytes: u64,
+    /// New keys are refused (existing keys still accepted) at or above this many pending keys.
+    pub pending_keys_max: u64,
+    /// New keys are refused (existing keys still accepted) at or above this many bytes on disk.
+    pub disk_bytes_max: u64,
+    /// Extra wait for more callers before a commit (0: commit what is queued right away).
+    pub group_commit_window: Duration,
+}
+
+impl Default for StoreOptions {
+    fn default() -> Self {
+        StoreOptions {
+            durability: Durability::Fsync,
+            cache_bytes: 16 * 1024 * 1024,
+            pending_keys_max: 2_000_000,
+            disk_bytes_max: 4 * 1024 * 1024 * 1024,
+            group_commit_window: Duration::ZERO,
+        }
+    }
+}
+
+/// Errors of the engine, grouped by how callers handle them.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The outbox is at its key or disk limit and the request would add new keys (HTTP 507).
+    #[error("outbox full: {0}; updates of keys already pending are still accepted")]
+    Full(String),
+    /// The store is closing (HTTP 503).
+    #[error("outbox is shutting down")]
+    Closed,
+    /// The disk refused the write (HTTP 507); nothing of the request was acknowledged.
+    #[error("storage write failed: {0}")]
+    Storage(String),
+    /// Another process holds the store (the worker is running): use the admin API.
+    #[error("store at {0} is locked by another process (is the worker running?)")]
+    Locked(PathBuf),
+    /// The store was written by a newer flux-outbox; refusing to touch it.
+    #[error("store at {path} has format version {found}, this build reads up to {supported}; upgrade flux-outbox")]
+    NewerFormat {
+        path: PathBuf,
+        found: u32,
+        supported: u32,
+    },
+    #[error("{0}")]
+    Other(String),
+}
+
+impl StoreError {
+    fn storage(e: impl std::fmt::Display) -> Self {
+        StoreError::Storage(e.to_string())
+    }
+}
+
+/// What opening a store found and did (logged loudly by the caller when not clean).
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct OpenReport {
+    pub created: bool,
+    /// The previous store could not be opened and was moved here.
+    pub moved_aside_to: Option<PathBuf>,
+    pub salvaged_records: u64,
+    pub open_error: Option<String>,
+}
+
+/// The result of a successful ingest.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct IngestAck {
+    pub accepted: usize,
+    /// Sequence of the last accepted update (0 when nothing was accepted).
+    pub seq: u64,
+}
+
+/// Cheap statistics.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct Stats {
+    pub pending_keys: u64,
+    pub pending_entities: u64,
+    pub oldest_pending_ms: Option<u64>,
+    pub log_backlog: u64,
+    pub quarantine_keys: u64,
+    pub superseded: u64,
+    pub late_dropped: u64,
+    pub delivered: u64,
+    pub quarantined_total: u64,
+    pub requeued: u64,
+    pub corrupt_set_aside: u64,
+    pub in_flight_entities: u64,
+    pub disk_bytes: u64,
+    pub next_seq: u64,
+    pub format_version: u32,
+}
+
+/// One property of a claimed event.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ClaimedProp {
+    pub name: String,
+    pub value: serde_json::Value,
+    pub version: Version,
+    pub delivered: Option<DeliveredRecord>,
+    pub attempts: u32,
+    pub pending: PendingRecord,
+}
+
+/// One entity's worth of a claim: becomes one Flux event.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ClaimedEvent {
+    pub entity: String,
+    /// This event is the entity delete (`props` holds the single `__deleted__` key).
+    pub delete: bool,
+    pub props: Vec<ClaimedProp>,
+    pub stream: Option<String>,
+    pub source: Option<String>,
+}
+
+impl ClaimedEvent {
+    /// The newest source timestamp among the event's properties (the Flux event timestamp).
+    pub fn ts_ms(&self) -> u64 {
+        self.props
+            .iter()
+            .map(|p| p.version.ts_ms)
+            .max()
+            .unwrap_or(0)
+    }
+    /// Rough size of the event's properties on the wire.
+    pub fn approx_bytes(&self) -> usize {
+        self.entity.len()
+            + 96
+            + self
+                .props
+                .iter()
+                .map(|p| p.name.len() + p.pending.value.len() + 4)
+                .sum::<usize>()
+    }
+}
+
+/// A batch taken by the flush worker. Every entity in it must be settled (or the claim
+/// dropped via `release_all`) before it can be claimed again.
+#[derive(Clone, Debug, Default)]
+pub struct Claim {
+    pub events: Vec<ClaimedEvent>,
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct ClaimLimits {
+    pub events_max: usize,
+    pub bytes_max: usize,
+}
+
+/// What became of one claimed key.
+#[derive(Clone, Debug)]
+pub enum Outcome {
+    /// Flux acknowledged (or already held) exactly this version.
+    Delivered { value_hash: u64 },
+    /// Flux rejected it for good.
+    Quarantine {
+        reason: String,
+        http_status: Option<u16>,
+    },
+    /// Not delivered (or unknown): keep it pending.
+    Retry { error: String },
+}
+
+#[derive(Clone, Debug)]
+pub struct Settlement {
+    pub key: PropKey,
+    pub sent: PendingRecord,
+    pub outcome: Outcome,
+}
+
+/// A row of the pending or quarantine listings.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct Row {
+    pub entity: String,
+    pub property: String,
+    pub value: serde_json::Value,
+    pub ts_ms: u64,
+    pub seq: u64,
+    pub pending_since_ms: u64,
+    pub attempts: u32,
+    pub last_error: Option<String>,
+    pub reason: Option<String>,
+    pub http_status: Option<u16>,
+    pub quarantined_at_ms: Option<u64>,
+}
+
+/// A row of the uncompacted log listing.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct LogRow {
+    pub seq: u64,
+    pub entity: String,
+    pub delete: bool,
+    pub properties: BTreeMap<String, serde_json::Value>,
+    pub ts_ms: u64,
+    pub arrived_ms: u64,
+}
+
+/// What `verify` found.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct VerifyReport {
+    pub records: u64,
+    pub problems: Vec<String>,
+}
+
+struct IngestReq {
+    updates: Vec<Update>,
+    reply: oneshot::Sender<Result<IngestAck, StoreError>>,
+}
+
+/// Mutable engine state guarded by one lock: every read-modify-write of P/I/E/D/T/Q/M counters
+/// happens under it, which makes compare-and-swap trivially correct.
+struct State {
+    counters: Counters,
+    in_flight: HashSet<String>,
+}
+
+struct SyncFiles {
+    db_file: Option<File>,
+    blobs_synced_upto: u64,
+}
+
+struct Inner {
+    dir: PathBuf,
+    db: sled::Db,
+    opts: StoreOptions,
+    state: Mutex<State>,
+    sync: Mutex<SyncFiles>,
+    ingest_tx: Mutex<Option<mpsc::Sender<IngestReq>>>,
+    writer: Mutex<Option<std::thread::JoinHandle<()>>>,
+    next_seq: AtomicU64,
+    /// Keys written to the log and not compacted yet: counted against the key limit so a burst
+    /// of new keys cannot overshoot it by more than what is in flight.
+    log_keys: AtomicU64,
+    disk_bytes: AtomicU64,
+    closed: AtomicBool,
+}
+
+/// Handle to the outbox engine; cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    inner: Arc<Inner>,
+}
+
+// ---------------------------------------------------------------------------------------------
+// key encoding
+
+pub(crate) fn keyenc(prefix: u8, entity: &str, property: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(5 + entity.len() + property.len());
+    k.push(prefix);
+    k.extend_from_slice(&(entity.len() as u32).to_be_bytes());
+    k.extend_from_slice(entity.as_bytes());
+    k.extend_from_slice(property.as_bytes());
+    k
+}
+
+fn entity_prefix(prefix: u8, entity: &str) -> Vec<u8> {
+    keyenc(prefix, entity, "")
+}
+
+/// Decodes `keyenc` without its prefix byte.
+pub(crate) fn keydec(rest: &[u8]) -> Option<PropKey> {
+    if rest.len() < 4 {
+        return None;
+    }
+    let len = u32::from_be_bytes([rest[0], rest[1], rest[2], rest[3]]) as usize;
+    let entity = rest.get(4..4 + len)?;
+    let property = rest.get(4 + len..)?;
+    Some(PropKey {
+        entity: String::from_utf8(entity.to_vec()).ok()?,
+        property: String::from_utf8(property.to_vec()).ok()?,
+    })
+}
+
+fn seq_key(prefix: u8, seq: u64) -> Vec<u8> {
+    let mut k = Vec::with_capacity(9);
+    k.push(prefix);
+    k.extend_from_slice(&seq.to_be_bytes());
+    k
+}
+
+fn index_key(first_seq: u64, key: &PropKey) -> Vec<u8> {
+    let mut k = seq_key(b'I', first_seq);
+    k.extend_from_slice(&keyenc(b'I', &key.entity, &key.property)[1..]);
+    k
+}
+
+fn simple_key(prefix: u8, name: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(1 + name.len());
+    k.push(prefix);
+    k.extend_from_slice(name.as_bytes());
+    k
+}
+
+fn u64_of(bytes: &[u8]) -> Option<u64> {
+    Some(u64::from_be_bytes(bytes.try_into().ok()?))
+}
+
+fn json_of(bytes: &[u8]) -> serde_json::Value {
+    serde_json::from_slice(bytes).unwrap_or(serde_json::Value::Null)
+}
+
+// ---------------------------------------------------------------------------------------------
+// A read-your-writes overlay over the tree, committed as one atomic batch.
+
+struct Txn<'a> {
+    tree: &'a sled::Db,
+    writes: BTreeMap<Vec<u8>, Option<Vec<u8>>>,
+    corrupt: Vec<(Vec<u8>, Vec<u8>)>,
+}
+
+impl<'a> Txn<'a> {
+    fn new(tree: &'a sled::Db) -> Self {
+        Txn {
+            tree,
+            writes: BTreeMap::new(),
+            corrupt: Vec::new(),
+        }
+    }
+
+    fn get_raw(&self, key: &[u8]) -> Result<Option<Vec<u8>>, StoreError> {
+        if let Some(v) = self.writes.get(key) {
+            return Ok(v.clone());
+        }
+        Ok(self
+            .tree
+            .get(key)
+            .map_err(StoreError::storage)?
+            .map(|v| v.to_vec()))
+    }
+
+    /// Reads and decodes a record; a corrupt one is scheduled to be set aside and reads as absent.
+    fn get<T: serde::de::DeserializeOwned>(&mut self, key: &[u8]) -> Result<Option<T>, StoreError> {
+        match self.get_raw(key)? {
+            None => Ok(None),
+            Some(bytes) => match record::decode::<T>(&bytes) {
+                Ok(v) => Ok(Some(v)),
+                Err(e) => {
+                    tracing::error!(key = %String::from_utf8_lossy(key), error = %e, "corrupt record set aside");
+                    self.corrupt.push((key.to_vec(), bytes));
+                    self.writes.insert(key.to_vec(), None);
+                    Ok(None)
+                }
+            },
+        }
+    }
+
+    fn put<T: Serialize>(&mut self, key: Vec<u8>, value: &T) {
+        self.writes.insert(key, Some(record::encode(value)));
+    }
+
+    fn put_raw(&mut self, key: Vec<u8>, value: Vec<u8>) {
+        self.writes.insert(key, Some(value));
+    }
+
+    fn remove(&mut self, key: Vec<u8>) {
+        self.writes.insert(key, None);
+    }
+
+    /// Keys under a prefix as the transaction sees them (tree merged with the overlay).
+    fn keys_with_prefix(&self, prefix: &[u8]) -> Result<Vec<Vec<u8>>, StoreError> {
+        let mut keys: std::collections::BTreeSet<Vec<u8>> = std::collections::BTreeSet::new();
+        for item in self.tree.scan_prefix(prefix).keys() {
+            keys.insert(item.map_err(StoreError::storage)?.to_vec());
+        }
+        for (k, v) in self.writes.range(prefix.to_vec()..) {
+            if !k.starts_with(prefix) {
+                break;
+            }
+            if v.is_some() {
+                keys.insert(k.clone());
+            } else {
+                keys.remove(k);
+            }
+        }
+        Ok(keys.into_iter().collect())
+    }
+
+    fn commit(self, counters: &Counters) -> Result<u64, StoreError> {
+        let mut batch = sled::Batch::default();
+        let corrupt_count = self.corrupt.len() as u64;
+        for (k, v) in self.corrupt {
+            let mut xk = vec![b'X'];
+            xk.extend_from_slice(&k);
+            batch.insert(xk, v);
+        }
+        for (k, v) in self.writes {
+            match v {
+                Some(v) => batch.insert(k, v),
+                None => batch.remove(k),
+            }
+        }
+        let mut counters = counters.clone();
+        counters.corrupt_set_aside += corrupt_count;
+        batch.insert(META_COUNTERS, record::encode(&counters));
+        self.tree.apply_batch(batch).map_err(StoreError::storage)?;
+        Ok(corrupt_count)
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+
+fn is_lock_error(e: &sled::Error) -> bool {
+    match e {
+        sled::Error::Io(io) => {
+            io.kind() == std::io::ErrorKind::WouldBlock || io.to_string().contains("lock")
+        }
+        _ => false,
+    }
+}
+
+fn sled_config(path: &Path, opts: &StoreOptions) -> sled::Config {
+    sled::Config::new()
+        .path(path)
+        .cache_capacity(opts.cache_bytes)
+        // We flush explicitly at every commit group; sled's own timer adds a safety net for
+        // settle/compaction batches, which only ever cause resends if lost.
+        .flush_every_ms(Some(500))
+        .mode(sled::Mode::LowSpace)
+}
+
+/// Creates a directory (and parents) private to this user (0700) and fsyncs its parent so the
+/// new entry survives power loss.
+pub fn create_private_dir(path: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+    if !path.exists() {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(path)?;
+        if let Some(parent) = path.parent() {
+            if let Ok(d) = File::open(parent) {
+                let _ = d.sync_all();
+            }
+        }
+    }
+    let meta = std::fs::metadata(path)?;
+    if meta.permissions().mode() & 0o077 != 0 {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o700))?;
+    }
+    Ok(())
+}
+
+impl Store {
+    /// Opens (or creates) the store in `data_dir/store`. A store sled cannot open is moved aside
+    /// (`store.corrupt-<epoch ms>`) and a fresh one is started; whatever can be read of the old
+    /// one is salvaged into it. A locked store or one of a newer format is an error, untouched.
+    pub fn open(data_dir: &Path, opts: StoreOptions) -> Result<(Store, OpenReport), StoreError> {
+        create_private_dir(data_dir).map_err(|e| {
+            StoreError::Other(format!(
+                "cannot create data directory {}: {e}",
+                data_dir.display()
+            ))
+        })?;
+        let path = data_dir.join(STORE_DIR);
+        let mut report = OpenReport {
+            created: !path.exists(),
+            ..Default::default()
+        };
+        let db = match sled_config(&path, &opts).open() {
+            Ok(db) => db,
+            Err(e) if is_lock_error(&e) => return Err(StoreError::Locked(path)),
+            Err(e) => {
+                let aside = data_dir.join(format!("{STORE_DIR}.corrupt-{}", now_ms()));
+                tracing::error!(store = %path.display(), error = %e, aside = %aside.display(),
+                    "STORE CANNOT BE OPENED: moving it aside and starting a fresh store");
+                std::fs::rename(&path, &aside).map_err(|re| {
+                    StoreError::Other(format!(
+                        "store {} cannot be opened ({e}) and cannot be moved aside ({re})",
+                        path.display()
+                    ))
+                })?;
+                report.moved_aside_to = Some(aside.clone());
+                report.open_error = Some(e.to_string());
+                let db = sled_config(&path, &opts)
+                    .open()
+                    .map_err(StoreError::storage)?;
+                report.salvaged_records = salvage_into(&aside, &db);
+                tracing::error!(salvaged = report.salvaged_records, "salvage finished");
+                db
+            }
+        };
+        Self::from_db(data_dir, db, opts, report)
+    }
+
+    fn from_db(
+        data_dir: &Path,
+        db: sled::Db,
+        opts: StoreOptions,
+        report: OpenReport,
+    ) -> Result<(Store, OpenReport), StoreError> {
+        let path = data_dir.join(STORE_DIR);
+        match db.get(META_FORMAT).map_err(StoreError::storage)? {
+            None => {
+                db.insert(META_FORMAT, &FORMAT_VERSION.to_be_bytes())
+                    .map_err(StoreError::storage)?;
+            }
+            Some(v) => {
+                let found = <[u8; 4]>::try_from(v.as_ref())
+                    .map(u32::from_be_bytes)
+                    .unwrap_or(u32::MAX);
+                if found > FORMAT_VERSION {
+                    return Err(StoreError::NewerFormat {
+                        path,
+                        found,
+                        supported: FORMAT_VERSION,
+                    });
+                }
+            }
+        }
+        let mut counters_corrupt = false;
+        let counters = match db.get(META_COUNTERS).map_err(StoreError::storage)? {
+            None => Counters::default(),
+            Some(v) => match record::decode::<Counters>(&v) {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::error!(error = %e, "counters record corrupt: recounting from contents");
+                    counters_corrupt = true;
+                    Counters::default()
+                }
+            },
+        };
+        let stored_next = db
+            .get(META_NEXT_SEQ)
+            .map_err(StoreError::storage)?
+            .and_then(|v| u64_of(&v))
+            .unwrap_or(1);
+        // The log's last key bounds next_seq from below even if the meta key were lost.
+        let last_log = db
+            .scan_prefix(b"L")
+            .keys()
+            .next_back()
+            .and_then(|k| k.ok())
+            .and_then(|k| u64_of(&k[1..]));
+        let next_seq = stored_next.max(last_log.map(|s| s + 1).unwrap_or(1)).max(1);
+        let log_keys = db.scan_prefix(b"L").count() as u64; // Bounded by the uncompacted tail only.
+        let db_file = File::open(path.join("db")).ok();
+        let inner = Arc::new(Inner {
+            dir: path.clone(),
+            db,
+            opts,
+            state: Mutex::new(State {
+                counters,
+                in_flight: HashSet::new(),
+            }),
+            sync: Mutex::new(SyncFiles {
+                db_file,
+                blobs_synced_upto: 0,
+            }),
+            ingest_tx: Mutex::new(None),
+            writer: Mutex::new(None),
+            next_seq: AtomicU64::new(next_seq),
+            log_keys: AtomicU64::new(log_keys),
+            disk_bytes: AtomicU64::new(0),
+            closed: AtomicBool::new(false),
+        });
+        let store = Store { inner };
+        if counters_corrupt {
+            store.recount()?;
+        }
+        store.refresh_disk_bytes();
+        store.sync_durable().map_err(StoreError::storage)?;
+        if let Some(parent) = path.parent() {
+            if let Ok(d) = File::open(parent) {
+                let _ = d.sync_all();
+            }
+        }
+        let (tx, rx) = mpsc::channel(INGEST_QUEUE_MAX);
+        *lock(&store.inner.ingest_tx) = Some(tx);
+        let writer_store = store.clone();
+        let handle = std::thread::Builder::new()
+            .name("outbox-writer".into())
+            .spawn(move || writer_store.writer_loop(rx))
+            .map_err(|e| StoreError::Other(format!("cannot start writer thread: {e}")))?;
+        *lock(&store.inner.writer) = Some(handle);
+        Ok((store, report))
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.inner.dir
+    }
+
+    pub fn options(&self) -> &StoreOptions {
+        &self.inner.opts
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // ingest (group commit)
+
+    /// Appends updates to the log; answers once they are durable. All or nothing per call.
+    /// The caller validates updates first (see `validate`).
+    pub async fn ingest(&self, updates: Vec<Update>) -> Result<IngestAck, StoreError> {
+        if updates.is_empty() {
+            return Ok(IngestAck {
+                accepted: 0,
+                seq: 0,
+            });
+        }
+        let tx = lock(&self.inner.ingest_tx)
+            .clone()
+            .ok_or(StoreError::Closed)?;
+        let (reply, rx) = oneshot::channel();
+        tx.send(IngestReq { updates, reply })
+            .await
+            .map_err(|_| StoreError::Closed)?;
+        rx.await.map_err(|_| StoreError::Closed)?
+    }
+
+    /// Blocking form of [`Store::ingest`] for threads outside the runtime (tests, tools).
+    pub fn ingest_blocking(&self, updates: Vec<Update>) -> Result<IngestAck, StoreError> {
+        if updates.is_empty() {
+            return Ok(IngestAck {
+                accepted: 0,
+                seq: 0,
+            });
+        }
+        let tx = lock(&self.inner.ingest_tx)
+            .clone()
+            .ok_or(StoreError::Closed)?;
+        let (reply, rx) = oneshot::channel();
+        tx.blocking_send(IngestReq { updates, reply })
+            .map_err(|_| StoreError::Closed)?;
+        rx.blocking_recv().map_err(|_| StoreError::Closed)?
+    }
+
+    fn writer_loop(&self, mut rx: mpsc::Receiver<IngestReq>) {
+        while let Some(first) = rx.blocking_recv() {
+            let mut group = vec![first];
+            let mut count = group[0].updates.len();
+            if !self.inner.opts.group_commit_window.is_zero() {
+                std::thread::sleep(self.inner.opts.group_commit_window);
+            }
+            while count < GROUP_UPDATES_MAX {
+                match rx.try_recv() {
+                    Ok(req) => {
+                        count += req.updates.len();
+                        group.push(req);
+                    }
+                    Err(_) => break,
+                }
+            }
+            self.commit_group(group);
+        }
+    }
+
+    /// Whether a request may be accepted under the limits: when full, only if every key it
+    /// writes is already pending (so it cannot grow the store).
+    fn admit(&self, updates: &[Update], extra_keys: u64) -> Result<(), StoreError> {
+        let pending = lock(&self.inner.state).counters.pending_keys;
+        let keys = pending + self.inner.log_keys.load(Ordering::Relaxed) + extra_keys;
+        let disk = self.inner.disk_bytes.load(Ordering::Relaxed);
+        let full = if keys >= self.inner.opts.pending_keys_max {
+            Some(format!(
+                "{keys} pending keys (limit {})",
+                self.inner.opts.pending_keys_max
+            ))
+        } else if disk >= self.inner.opts.disk_bytes_max {
+            Some(format!(
+                "{disk} bytes on disk (limit {})",
+                self.inner.opts.disk_bytes_max
+            ))
+        } else {
+            None
+        };
+        let Some(why) = full else { return Ok(()) };
+        for u in updates {
+            if let UpdateOp::Set(props) = &u.op {
+                for name in props.keys() {
+                    let k = keyenc(b'P', &u.entity, name);
+                    if !self.inner.db.contains_key(k).map_err(StoreError::storage)? {
+                        return Err(StoreError::Full(why));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn commit_group(&self, group: Vec<IngestReq>) {
+        let mut batch = sled::Batch::default();
+        let mut accepted: Vec<(IngestReq, u64, u64)> = Vec::with_capacity(group.len());
+        let mut seq = self.inner.next_seq.load(Ordering::SeqCst);
+        let start_seq = seq;
+        let arrived_ms = now_ms();
+        let mut added_keys = 0u64;
+        for req in group {
+            if self.inner.closed.load(Ordering::SeqCst) {
+                let _ = req.reply.send(Err(StoreError::Closed));
+                continue;
+            }
+            if let Err(e) = self.admit(&req.updates, added_keys) {
+                let _ = req.reply.send(Err(e));
+                continue;
+            }
+            let keys: u64 = req.updates.iter().map(|u| u.key_count() as u64).sum();
+            for u in &req.updates {
+                let rec = LogRecord {
+                    entity: u.entity.clone(),
+                    delete: matches!(u.op, UpdateOp::Delete),
+                    props: match &u.op {
+                        UpdateOp::Set(p) => p
+                            .iter()
+                            .map(|(k, v)| (k.clone(), serde_json::to_vec(v).unwrap_or_default()))
+                            .collect(),
+                        UpdateOp::Delete => Vec::new(),
+                    },
+                    ts_ms: u.ts_ms,
+                    stream: u.stream.clone(),
+                    source: u.source.clone(),
+                    arrived_ms,
+                };
+                batch.insert(seq_key(b'L', seq), record::encode(&rec));
+                seq += 1;
+            }
+            added_keys += keys;
+            accepted.push((req, seq - 1, keys));
+        }
+        if accepted.is_empty() {
+            return;
+        }
+        batch.insert(META_NEXT_SEQ, &seq.to_be_bytes());
+        let result = self
+            .inner
+            .db
+            .apply_batch(batch)
+            .map_err(StoreError::storage)
+            .and_then(|_| self.sync_durable().map_err(StoreError::storage));
+        match result {
+            Ok(()) => {
+                self.inner.next_seq.store(seq, Ordering::SeqCst);
+                self.inner.log_keys.fetch_add(added_keys, Ordering::Relaxed);
+                for (req, last, _) in accepted {
+                    let _ = req.reply.send(Ok(IngestAck {
+                        accepted: req.updates.len(),
+                        seq: last,
+                    }));
+                }
+            }
+            Err(e) => {
+                // Nothing is acknowledged. The batch may or may not be in sled's memory; the
+                // sequence numbers are not reused either way, so a later success never collides.
+                let _ = start_seq;
+                self.inner.next_seq.store(seq, Ordering::SeqCst);
+                tracing::error!(error = %e, "group commit failed; requests answered with an error");
+                for (req, _, _) in accepted {
+                    let _ = req.reply.send(Err(StoreError::Storage(e.to_string())));
+                }
+            }
+        }
+    }
+
+    /// Makes everything written so far durable according to the configured mode.
+    pub fn sync_durable(&self) -> std::io::Result<()> {
+        self.inner
+            .db
+            .flush()
+            .map_err(|e| std::io::Error::other(e.to_string()))?;
+        if self.inner.opts.durability == Durability::Flush {
+            return Ok(());
+        }
+        let mut sync = lock(&self.inner.sync);
+        if sync.db_file.is_none() {
+            sync.db_file = File::open(self.inner.dir.join("db")).ok();
+        }
+        if let Some(f) = &sync.db_file {
+            f.sync_data()?;
+        }
+        // sled writes values too large for a log segment as separate blob files, without fsync.
+        // Their names are increasing log sequence numbers: sync every one newer than last time.
+        let blobs = self.inner.dir.join("blobs");
+        let mut newest = sync.blobs_synced_upto;
+        if let Ok(entries) = std::fs::read_dir(&blobs) {
+            let mut any = false;
+            for entry in entries.flatten() {
+                let id = entry
+                    .file_name()
+                    .to_str()
+                    .and_then(|s| s.parse::<u64>().ok())
+                    .unwrap_or(0);
+                if id > sync.blobs_synced_upto {
+                    File::open(entry.path())?.sync_data()?;
+                    newest = newest.max(id);
+                    any = true;
+                }
+            }
+            if any {
+                File::open(&blobs)?.sync_all()?;
+            }
+        }
+        sync.blobs_synced_upto = newest;
+        Ok(())
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // compaction
+
+    /// Folds up to `records_max` log records into the pending set in one atomic step.
+    /// Returns how many log records were folded (0: the log is empty).
+    pub fn compact_step(&self, records_max: usize) -> Result<usize, StoreError> {
+        let mut state = lock(&self.inner.state);
+        let mut txn = Txn::new(&self.inner.db);
+        let mut counters = state.counters.clone();
+        let mut folded = 0usize;
+        let mut keys_folded = 0u64;
+        for item in self.inner.db.scan_prefix(b"L").take(records_max) {
+            let (k, v) = item.map_err(StoreError::storage)?;
+            let seq = u64_of(&k[1..]).unwrap_or(0);
+            folded += 1;
+            txn.remove(k.to_vec());
+            let rec: LogRecord = match record::decode(&v) {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::error!(seq, error = %e, "corrupt log record set aside");
+                    txn.corrupt.push((k.to_vec(), v.to_vec()));
+                    continue;
+                }
+            };
+            let version = Version {
+                ts_ms: rec.ts_ms,
+                seq,
+            };
+            if rec.delete {
+                keys_folded += 1;
+                fold_delete(&mut txn, &mut counters, &rec, version)?;
+            } else {
+                keys_folded += rec.props.len() as u64;
+                for (name, value) in &rec.props {
+                    let p = PendingRecord {
+                        ts_ms: rec.ts_ms,
+                        seq,
+                        value: value.clone(),
+                        stream: rec.stream.clone(),
+                        source: rec.source.clone(),
+                        first_seq: seq,
+                        pending_since_ms: rec.arrived_ms,
+                        attempts: 0,
+                        last_error: None,
+                    };
+                    fold_set(
+                        &mut txn,
+                        &mut counters,
+                        &PropKey::new(rec.entity.clone(), name.clone()),
+                        p,
+                    )?;
+                }
+            }
+        }
+        if folded == 0 {
+            return Ok(0);
+        }
+        counters.compacted_records += folded as u64;
+        let corrupt = txn.commit(&counters)?;
+        counters.corrupt_set_aside += corrupt;
+        state.counters = counters;
+        drop(state);
+        let _ = self
+            .inner
+            .log_keys
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
+                Some(v.saturating_sub(keys_folded))
+            });
+        Ok(folded)
+    }
+
+    /// Compacts until the log is empty.
+    pub fn compact_all(&self) -> Result<usize, StoreError> {
+        let mut total = 0;
+        loop {
+            let n = self.compact_step(10_000)?;
+            if n == 0 {
+                return Ok(total);
+            }
+            total += n;
+        }
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // claim / settle
+
+    /// Takes a batch of pending keys, grouped by entity, oldest pending first. Entities already
+    /// in flight are skipped. Returns `None` when nothing can be claimed.
+    pub fn claim(&self, limits: ClaimLimits) -> Result<Option<Claim>, StoreError> {
+        let events_max = limits.events_max.max(1);
+        let mut state = lock(&self.inner.state);
+        let mut claim = Claim::default();
+        let mut bytes = 0usize;
+        let mut taken: HashSet<String> = HashSet::new();
+        let mut corrupt = Vec::new();
+        'index: for item in self.inner.db.scan_prefix(b"I").keys() {
+            let ik = item.map_err(StoreError::storage)?;
+            let Some(key) = ik.get(9..).and_then(keydec) else {
+                corrupt.push(ik.to_vec());
+                continue;
+            };
+            if state.in_flight.contains(&key.entity) || taken.contains(&key.entity) {
+                continue;
+            }
+            let events = self.entity_events(&key.entity, &mut corrupt)?;
+            if events.is_empty() {
+                continue;
+            }
+            taken.insert(key.entity.clone());
+            for ev in events {
+                let b = ev.approx_bytes();
+                if !claim.events.is_empty() && bytes + b > limits.bytes_max {
+                    break 'index;
+                }
+                bytes += b;
+                claim.events.push(ev);
+                if claim.events.len() >= events_max {
+                    break 'index;
+                }
+            }
+        }
+        if !corrupt.is_empty() {
+            self.set_aside_locked(&mut state, corrupt)?;
+        }
+        if claim.events.is_empty() {
+            return Ok(None);
+        }
+        for ev in &claim.events {
+            state.in_flight.insert(ev.entity.clone());
+        }
+        Ok(Some(claim))
+    }
+
+    /// The events one entity would send now: its delete alone if one is pending, otherwise its
+    /// pending properties grouped by (stream, source).
+    fn entity_events(
+        &self,
+        entity: &str,
+        corrupt: &mut Vec<Vec<u8>>,
+    ) -> Result<Vec<ClaimedEvent>, StoreError> {
+        let prefix = entity_prefix(b'P', entity);
+        let mut groups: BTreeMap<(Option<String>, Option<String>), Vec<ClaimedProp>> =
+            BTreeMap::new();
+        for item in self.inner.db.scan_prefix(&prefix) {
+            let (k, v) = item.map_err(StoreError::storage)?;
+            let Some(key) = keydec(&k[1..]) else {
+                corrupt.push(k.to_vec());
+                continue;
+            };
+            let p: PendingRecord = match record::decode(&v) {
+                Ok(p) => p,
+                Err(_) => {
+                    corrupt.push(k.to_vec());
+                    continue;
+                }
+            };
+            let delivered = self.delivered(&key)?;
+            let prop = ClaimedProp {
+                name: key.property.clone(),
+                value: json_of(&p.value),
+                version: p.version(),
+                delivered,
+                attempts: p.attempts,
+                pending: p.clone(),
+            };
+            if key.is_delete() {
+                return Ok(vec![ClaimedEvent {
+                    entity: entity.to_string(),
+                    delete: true,
+                    props: vec![prop],
+                    stream: p.stream,
+                    source: p.source,
+                }]);
+            }
+            groups
+                .entry((p.stream.clone(), p.source.clone()))
+                .or_default()
+                .push(prop);
+        }
+        Ok(groups
+            .into_iter()
+            .map(|((stream, source), props)| ClaimedEvent {
+                entity: entity.to_string(),
+                delete: false,
+                props,
+                stream,
+                source,
+            })
+            .collect())
+    }
+
+    /// The last delivered record of a key, if any.
+    pub fn delivered(&self, key: &PropKey) -> Result<Option<DeliveredRecord>, StoreError> {
+        let k = keyenc(b'D', &key.entity, &key.property);
+        Ok(self
+            .inner
+            .db
+            .get(k)
+            .map_err(StoreError::storage)?
+            .and_then(|v| record::decode(&v).ok()))
+    }
+
+    /// Records what became of claimed keys and releases their entities. Compare-and-swap: a
+    /// pending value newer than the one sent is kept.
+    pub fn settle(&self, settlements: Vec<Settlement>) -> Result<(), StoreError> {
+        let mut state = lock(&self.inner.state);
+        let mut txn = Txn::new(&self.inner.db);
+        let mut counters = state.counters.clone();
+        let now = now_ms();
+        let mut entities = HashSet::new();
+        for s in &settlements {
+            entities.insert(s.key.entity.clone());
+            let pk = keyenc(b'P', &s.key.entity, &s.key.property);
+            let current: Option<PendingRecord> = txn.get(&pk)?;
+            let same = current
+                .as_ref()
+                .is_some_and(|c| c.version() == s.sent.version());
+            match &s.outcome {
+                Outcome::Delivered { value_hash } => {
+                    counters.delivered += 1;
+                    if same {
+                        remove_pending(&mut txn, &mut counters, &s.key, &s.sent)?;
+                    }
+                    let dk = keyenc(b'D', &s.key.entity, &s.key.property);
+                    let old: Option<DeliveredRecord> = txn.get(&dk)?;
+                    if old.is_none_or(|d| d.version() < s.sent.version()) {
+                        let rec = DeliveredRecord {
+                            ts_ms: s.sent.ts_ms,
+                            seq: s.sent.seq,
+                            value_hash: *value_hash,
+                            delivered_at_ms: now,
+                        };
+                        txn.put(dk, &rec);
+                    }
+                    if s.key.is_delete() {
+                        // The entity is gone in Flux: what was delivered before the delete no
+                        // longer describes Flux; the tombstone record keeps late updates out.
+                        for dk in txn.keys_with_prefix(&entity_prefix(b'D', &s.key.entity))? {
+                            if dk.len() > 0 && keydec(&dk[1..]).is_some_and(|k| !k.is_delete()) {
+                                let d: Option<DeliveredRecord> = txn.get(&dk)?;
+                                if d.is_some_and(|d| d.version() < s.sent.version()) {
+                                    txn.remove(dk);
+                                }
+                            }
+                        }
+                    }
+                }
+                Outcome::Quarantine {
+                    reason,
+                    http_status,
+                } => {
+                    if same {
+                        remove_pending(&mut txn, &mut counters, &s.key, &s.sent)?;
+                    }
+                    let qk = keyenc(b'Q', &s.key.entity, &s.key.property);
+                    if txn.get::<QuarantineRecord>(&qk)?.is_none() {
+                        counters.quarantine_keys += 1;
+                    }
+                    counters.quarantined_total += 1;
+                    let mut sent = s.sent.clone();
+                    sent.last_error = Some(reason.clone());
+                    txn.put(
+                        qk,
+                        &QuarantineRecord {
+                            pending: sent,
+                            reason: reason.clone(),
+                            http_status: *http_status,
+                            quarantined_at_ms: now,
+                        },
+                    );
+                }
+                Outcome::Retry { error } => {
+                    if let Some(mut c) = current {
+                        c.attempts = c.attempts.saturating_add(1);
+                        c.last_error = Some(error.clone());
+                        txn.put(pk, &c);
+                    }
+                }
+            }
+        }
+        let corrupt = txn.commit(&counters)?;
+        counters.corrupt_set_aside += corrupt;
+        state.counters = counters;
+        for e in entities {
+            state.in_flight.remove(&e);
+        }
+        Ok(())
+    }
+
+    /// Releases entities of a claim without recording anything (e.g. the flush was cancelled).
+    pub fn release(&self, claim: &Claim) {
+        let mut state = lock(&self.inner.state);
+        for ev in &claim.events {
+            state.in_flight.remove(&ev.entity);
+        }
+    }
+
+    /// Moves quarantined keys (all, or those whose entity starts with `entity_prefix`) back to
+    /// pending, through the same newest-wins rules as new updates. Durable when it returns.
+    pub fn requeue(&self, entity_prefix: Option<&str>) -> Result<u64, StoreError> {
+        let mut state = lock(&self.inner.state);
+        let mut txn = Txn::new(&self.inner.db);
+        let mut counters = state.counters.clone();
+        let mut moved = 0u64;
+        let keys = txn.keys_with_prefix(b"Q")?;
+        for qk in keys {
+            let Some(key) = keydec(&qk[1..]) else {
+                continue;
+            };
+            if entity_prefix.is_some_and(|p| !key.entity.starts_with(p)) {
+                continue;
+            }
+            let Some(q) = txn.get::<QuarantineRecord>(&qk)? else {
+                continue;
+            };
+            txn.remove(qk);
+            counters.quarantine_keys = counters.quarantine_keys.saturating_sub(1);
+            counters.requeued += 1;
+            moved += 1;
+            let mut p = q.pending;
+            p.attempts = 0;
+            p.last_error = None;
+            p.first_seq = p.seq;
+            p.pending_since_ms = now_ms();
+            if key.is_delete() {
+                let rec = LogRecord {
+                    entity: key.entity.clone(),
+                    delete: true,
+                    props: vec![],
+                    ts_ms: p.ts_ms,
+                    stream: p.stream,
+                    source: p.source,
+                    arrived_ms: p.pending_since_ms,
+                };
+                fold_delete_requeue(
+                    &mut txn,
+                    &mut counters,
+                    &rec,
+                    Version {
+                        ts_ms: p.ts_ms,
+                        seq: p.seq,
+                    },
+                )?;
+            } else {
+                fold_set(&mut txn, &mut counters, &key, p)?;
+            }
+        }
+        let corrupt = txn.commit(&counters)?;
+        counters.corrupt_set_aside += corrupt;
+        state.counters = counters;
+        drop(state);
+        self.sync_durable().map_err(StoreError::storage)?;
+        Ok(moved)
+    }
+
+    fn set_aside_locked(
+        &self,
+        state: &mut MutexGuard<'_, State>,
+        keys: Vec<Vec<u8>>,
+    ) -> Result<(), StoreError> {
+        let mut txn = Txn::new(&self.inner.db);
+        for k in keys {
+            if let Some(v) = txn.get_raw(&k)? {
+                txn.corrupt.push((k.clone(), v));
+                txn.remove(k);
+            }
+        }
+        let mut counters = state.counters.clone();
+        let corrupt = txn.commit(&counters)?;
+        counters.corrupt_set_aside += corrupt;
+        state.counters = counters;
+        Ok(())
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // stats, listings, verify
+
+    pub fn refresh_disk_bytes(&self) -> u64 {
+        let bytes = dir_bytes(&self.inner.dir);
+        self.inner.disk_bytes.store(bytes, Ordering::Relaxed);
+        bytes
+    }
+
+    pub fn stats(&self) -> Stats {
+        let state = lock(&self.inner.state);
+        let c = state.counters.clone();
+        let in_flight = state.in_flight.len() as u64;
+        drop(state);
+        let first_log = self
+            .inner
+            .db
+            .scan_prefix(b"L")
+            .keys()
+            .next()
+            .and_then(|k| k.ok())
+            .and_then(|k| u64_of(&k[1..]));
+        let next_seq = self.inner.next_seq.load(Ordering::SeqCst);
+        Stats {
+            pending_keys: c.pending_keys,
+            pending_entities: c.pending_entities,
+            oldest_pending_ms: self.oldest_pending_ms(),
+            log_backlog: first_log.map(|f| next_seq.saturating_sub(f)).unwrap_or(0),
+            quarantine_keys: c.quarantine_keys,
+            superseded: c.superseded,
+            late_dropped: c.late_dropped,
+            delivered: c.delivered,
+            quarantined_total: c.quarantined_total,
+            requeued: c.requeued,
+            corrupt_set_aside: c.corrupt_set_aside,
+            in_flight_entities: in_flight,
+            disk_bytes: self.inner.disk_bytes.load(Ordering::Relaxed),
+            next_seq,
+            format_version: FORMAT_VERSION,
+        }
+    }
+
+    /// Arrival time of the value that has waited longest (epoch ms), from the log or pending set.
+    fn oldest_pending_ms(&self) -> Option<u64> {
+        let from_index = self
+            .inner
+            .db
+            .scan_prefix(b"I")
+            .keys()
+            .next()
+            .and_then(|k| k.ok())
+            .and_then(|ik| ik.get(9..).and_then(keydec))
+            .and_then(|key| {
+                self.inner
+                    .db
+                    .get(keyenc(b'P', &key.entity, &key.property))
+                    .ok()
+                    .flatten()
+            })
+            .and_then(|v| record::decode::<PendingRecord>(&v).ok())
+            .map(|p| p.pending_since_ms);
+        let from_log = self
+            .inner
+            .db
+            .scan_prefix(b"L")
+            .values()
+            .next()
+            .and_then(|v| v.ok())
+            .and_then(|v| record::decode::<LogRecord>(&v).ok())
+            .map(|r| r.arrived_ms);
+        match (from_index, from_log) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Pending keys in delivery order, optionally filtered.
+    pub fn pending_rows(
+        &self,
+        entity_prefix: Option<&str>,
+        older_than_ms: Option<u64>,
+        limit: usize,
+    ) -> Result<Vec<Row>, StoreError> {
+        let now = now_ms();
+        let mut rows = Vec::new();
+        for item in self.inner.db.scan_prefix(b"I").keys() {
+            if rows.len() >= limit {
+                break;
+            }
+            let ik = item.map_err(StoreError::storage)?;
+            let Some(key) = ik.get(9..).and_then(keydec) else {
+                continue;
+            };
+            if entity_prefix.is_some_and(|p| !key.entity.starts_with(p)) {
+                continue;
+            }
+            let Some(v) = self
+                .inner
+                .db
+                .get(keyenc(b'P', &key.entity, &key.property))
+                .map_err(StoreError::storage)?
+            else {
+                continue;
+            };
+            let Ok(p) = record::decode::<PendingRecord>(&v) else {
+                continue;
+            };
+            if older_than_ms.is_some_and(|age| now.saturating_sub(p.pending_since_ms) < age) {
+                continue;
+            }
+            rows.push(Row {
+                entity: key.entity,
+                property: key.property,
+                value: json_of(&p.value),
+                ts_ms: p.ts_ms,
+                seq: p.seq,
+                pending_since_ms: p.pending_since_ms,
+                attempts: p.attempts,
+                last_error: p.last_error,
+                reason: None,
+                http_status: None,
+                quarantined_at_ms: None,
+            });
+        }
+        Ok(rows)
+    }
+
+    /// Quarantined keys, optionally filtered.
+    pub fn quarantine_rows(
+        &self,
+        entity_prefix: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<Row>, StoreError> {
+        let mut rows = Vec::new();
+        let prefix = match entity_prefix {
+            Some(_) => b"Q".to_vec(),
+            None => b"Q".to_vec(),
+        };
+        for item in self.inner.db.scan_prefix(prefix) {
+            if rows.len() >= limit {
+                break;
+            }
+            let (k, v) = item.map_err(StoreError::storage)?;
+            let Some(key) = keydec(&k[1..]) else { continue };
+            if entity_prefix.is_some_and(|p| !key.entity.starts_with(p)) {
+                continue;
+            }
+            let Ok(q) = record::decode::<QuarantineRecord>(&v) else {
+                continue;
+            };
+            rows.push(Row {
+                entity: key.entity,
+                property: key.property,
+                value: json_of(&q.pending.value),
+                ts_ms: q.pending.ts_ms,
+                seq: q.pending.seq,
+                pending_since_ms: q.pending.pending_since_ms,
+                attempts: q.pending.attempts,
+                last_error: q.pending.last_error,
+                reason: Some(q.reason),
+                http_status: q.http_status,
+                quarantined_at_ms: Some(q.quarantined_at_ms),
+            });
+        }
+        Ok(rows)
+    }
+
+    /// The uncompacted tail of the log.
+    pub fn log_rows(&self, limit: usize) -> Result<Vec<LogRow>, StoreError> {
+        let mut rows = Vec::new();
+        for item in self.inner.db.scan_prefix(b"L").take(limit) {
+            let (k, v) = item.map_err(StoreError::storage)?;
+            let Ok(r) = record::decode::<LogRecord>(&v) else {
+                continue;
+            };
+            rows.push(LogRow {
+                seq: u64_of(&k[1..]).unwrap_or(0),
+                entity: r.entity,
+                delete: r.delete,
+                properties: r
+                    .props
+                    .iter()
+                    .map(|(n, v)| (n.clone(), json_of(v)))
+                    .collect(),
+                ts_ms: r.ts_ms,
+                arrived_ms: r.arrived_ms,
+            });
+        }
+        Ok(rows)
+    }
+
+    /// Checks every record and the engine's invariants. Read-only.
+    pub fn verify(&self) -> VerifyReport {
+        let state = lock(&self.inner.state);
+        let counters = state.counters.clone();
+        drop(state);
+        verify_tree(
+            &self.inner.db,
+            &counters,
+            self.inner.next_seq.load(Ordering::SeqCst),
+        )
+    }
+
+    /// Recomputes the counters that describe contents (after a corrupt counters record).
+    fn recount(&self) -> Result<(), StoreError> {
+        let mut state = lock(&self.inner.state);
+        let mut c = state.counters.clone();
+        c.pending_keys = self.inner.db.scan_prefix(b"P").count() as u64;
+        c.pending_entities = self.inner.db.scan_prefix(b"E").count() as u64;
+        c.quarantine_keys = self.inner.db.scan_prefix(b"Q").count() as u64;
+        c.corrupt_set_aside = self.inner.db.scan_prefix(b"X").count() as u64;
+        self.inner
+            .db
+            .insert(META_COUNTERS, record::encode(&c))
+            .map_err(StoreError::storage)?;
+        state.counters = c;
+        Ok(())
+    }
+
+    /// Stops accepting ingest, waits for the writer to finish its group, and makes the store
+    /// durable. Further ingest answers `Closed`.
+    pub fn close(&self) -> Result<(), StoreError> {
+        self.inner.closed.store(true, Ordering::SeqCst);
+        lock(&self.inner.ingest_tx).take();
+        if let Some(h) = lock(&self.inner.writer).take() {
+            let _ = h.join();
+        }
+        self.sync_durable().map_err(StoreError::storage)
+    }
+
+    /// Direct access for tools and tests that need to tamper or inspect raw records.
+    pub fn raw_db(&self) -> &sled::Db {
+        &self.inner.db
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        let _ = self.db.flush();
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A panic while holding the lock would have left state consistent with sled (every change
+    // is written in one batch before the in-memory copy is replaced), so poisoning is ignored.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn dir_bytes(dir: &Path) -> u64 {
+    let mut total = 0;
+    if let Ok(entries) = std::fs::read_dir(dir) {
+        for e in entries.flatten() {
+            match e.metadata() {
+                Ok(m) if m.is_dir() => total += dir_bytes(&e.path()),
+                Ok(m) => total += m.len(),
+                Err(_) => {}
+            }
+        }
+    }
+    total
+}
+
+// ---------------------------------------------------------------------------------------------
+// folding rules (all under the state lock, inside one Txn)
+
+fn entity_count_add(
+    txn: &mut Txn<'_>,
+    counters: &mut Counters,
+    entity: &str,
+    delta: i64,
+) -> Result<(), StoreError> {
+    let ek = simple_key(b'E', entity);
+    let n = txn.get_raw(&ek)?.and_then(|v| u64_of(&v)).unwrap_or(0);
+    let m = if delta < 0 {
+        n.saturating_sub(delta.unsigned_abs())
+    } else {
+        n + delta as u64
+    };
+    if m == 0 {
+        if n != 0 {
+            counters.pending_entities = counters.pending_entities.saturating_sub(1);
+        }
+        txn.remove(ek);
+    } else {
+        if n == 0 {
+            counters.pending_entities += 1;
+        }
+        txn.put_raw(ek, m.to_be_bytes().to_vec());
+    }
+    Ok(())
+}
+
+fn remove_pending(
+    txn: &mut Txn<'_>,
+    counters: &mut Counters,
+    key: &PropKey,
+    p: &PendingRecord,
+) -> Result<(), StoreError> {
+    txn.remove(keyenc(b'P', &key.entity, &key.property));
+    txn.remove(index_key(p.first_seq, key));
+    counters.pending_keys = counters.pending_keys.saturating_sub(1);
+    entity_count_add(txn, counters, &key.entity, -1)
+}
+
+fn insert_new_pending(
+    txn: &mut Txn<'_>,
+    counters: &mut Counters,
+    key: &PropKey,
+    p: &PendingRecord,
+) -> Result<(), StoreError> {
+    txn.put(keyenc(b'P', &key.entity, &key.property), p);
+    txn.put_raw(index_key(p.first_seq, key), Vec::new());
+    counters.pending_keys += 1;
+    entity_count_add(txn, counters, &key.entity, 1)
+}
+
+fn fold_set(
+    txn: &mut Txn<'_>,
+    counters: &mut Counters,
+    key: &PropKey,
+    new: PendingRecord,
+) -> Result<(), StoreError> {
+    let v = new.version();
+    let tomb: Option<TombstoneRecord> = txn.get(&simple_key(b'T', &key.entity))?;
+    if tomb.is_some_and(|t| v <= t.version()) {
+        counters.late_dropped += 1;
+        return Ok(());
+    }
+    let pk = keyenc(b'P', &key.entity, &key.property);
+    match txn.get::<PendingRecord>(&pk)? {
+        Some(old) => {
+            counters.superseded += 1;
+            if v > old.version() {
+                let rec = PendingRecord {
+                    first_seq: old.first_seq,
+                    pending_since_ms: old.pending_since_ms,
+                    attempts: old.attempts,
+                    last_error: old.last_error,
+                    ..new
+                };
+                txn.put(pk, &rec);
+            }
+        }
+        None => {
+            let delivered: Option<DeliveredRecord> =
+                txn.get(&keyenc(b'D', &key.entity, &key.property))?;
+            if delivered.is_some_and(|d| v <= d.version()) {
+                counters.late_dropped += 1;
+                return Ok(());
+            }
+            insert_new_pending(txn, counters, key, &new)?;
+        }
+    }
+    Ok(())
+}
+
+fn fold_delete(
+    txn: &mut Txn<'_>,
+    counters: &mut Counters,
+    rec: &LogRecord,
+    v: Version,
+) -> Result<(), StoreError> {
+    let tk = simple_key(b'T', &rec.entity);
+    let tomb: Option<TombstoneRecord> = txn.get(&tk)?;
+    if tomb.is_some_and(|t| v <= t.version()) {
+        counters.late_dropped += 1;
+        return Ok(());
+    }
+    fold_delete_requeue(txn, counters, rec, v)
+}
+
+/// Applies a delete at version `v`: every older pending property of the entity is superseded,
+/// the delete becomes (or replaces) the entity's pending `__deleted__` key, and the tombstone
+/// keeps later-arriving older updates out.
+fn fold_delete_requeue(
+    txn: &mut Txn<'_>,
+    counters: &mut Counters,
+    rec: &LogRecord,
+    v: Version,
+) -> Result<(), StoreError> {
+    let tk = simple_key(b'T', &rec.entity);
+    let tomb: Option<TombstoneRecord> = txn.get(&tk)?;
+    if tomb.is_none_or(|t| t.version() < v) {
+        txn.put(
+            tk,
+            &TombstoneRecord {
+                ts_ms: v.ts_ms,
+                seq: v.seq,
+            },
+        );
+    }
+    for pk in txn.keys_with_prefix(&entity_prefix(b'P', &rec.entity))? {
+        let Some(key) = keydec(&pk[1..]) else {
+            continue;
+        };
+        if key.is_delete() {
+            continue;
+        }
+        if let Some(p) = txn.get::<PendingRecord>(&pk)? {
+            if p.version() < v {
+                counters.superseded += 1;
+                remove_pending(txn, counters, &key, &p)?;
+            }
+        }
+    }
+    let new = PendingRecord {
+        ts_ms: v.ts_ms,
+        seq: v.seq,
+        value: b"true".to_vec(),
+        stream: rec.stream.clone(),
+        source: rec.source.clone(),
+        first_seq: v.seq,
+        pending_since_ms: rec.arrived_ms,
+        attempts: 0,
+        last_error: None,
+    };
+    fold_set_unchecked_tomb(
+        txn,
+        counters,
+        &PropKey::new(rec.entity.clone(), DELETE_PROPERTY),
+        new,
+    )
+}
+
+/// Like `fold_set` without the tombstone check (the delete key IS the tombstone's value).
+fn fold_set_unchecked_tomb(
+    txn: &mut Txn<'_>,
+    counters: &mut Counters,
+    key: &PropKey,
+    new: PendingRecord,
+) -> Result<(), StoreError> {
+    let pk = keyenc(b'P', &key.entity, &key.property);
+    match txn.get::<PendingRecord>(&pk)? {
+        Some(old) => {
+            counters.superseded += 1;
+            if new.version() > old.version() {
+                let rec = PendingRecord {
+                    first_seq: old.first_seq,
+                    pending_since_ms: old.pending_since_ms,
+                    ..new
+                };
+                txn.put(pk, &rec);
+            }
+        }
+        None => insert_new_pending(txn, counters, key, &new)?,
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// verify and salvage (also used by outbox-dump on a stopped store)
+
+/// Checks every record of a tree and the engine's invariants.
+pub fn verify_tree(db: &sled::Db, counters: &Counters, next_seq: u64) -> VerifyReport {
+    let mut report = VerifyReport::default();
+    let mut problems = Vec::new();
+    let mut pending: HashMap<Vec<u8>, PendingRecord> = HashMap::new();
+    let mut index: Vec<(u64, Vec<u8>)> = Vec::new();
+    let mut entity_counts: HashMap<String, u64> = HashMap::new();
+    let mut quarantine = 0u64;
+    let mut corrupt_area = 0u64;
+    let mut format_seen = false;
+    for item in db.iter() {
+        let (k, v) = match item {
+            Ok(kv) => kv,
+            Err(e) => {
+                problems.push(format!("store read error: {e}"));
+                break;
+            }
+        };
+        report.records += 1;
+        let show = String::from_utf8_lossy(&k).into_owned();
+        let check = |r: Result<(), DecodeError>, problems: &mut Vec<String>| {
+            if let Err(e) = r {
+                problems.push(format!("record {show:?}: {e}"));
+            }
+        };
+        match k.first() {
+            Some(b'M') => {
+                if k.as_ref() == META_FORMAT {
+                    format_seen = true;
+                    match <[u8; 4]>::try_from(v.as_ref()).map(u32::from_be_bytes) {
+                        Ok(f) if f == FORMAT_VERSION => {}
+                        Ok(f) => problems.push(format!(
+                            "format version {f}, this build reads {FORMAT_VERSION}"
+                        )),
+                        Err(_) => problems.push("format version record is malformed".into()),
+                    }
+                } else if k.as_ref() == META_COUNTERS {
+                    check(record::decode::<Counters>(&v).map(|_| ()), &mut problems);
+                } else if k.as_ref() == META_NEXT_SEQ {
+                    match u64_of(&v) {
+                        Some(s) if s <= next_seq => {}
+                        Some(s) => {
+                            problems.push(format!("next_seq {s} ahead of the writer's {next_seq}"))
+                        }
+                        None => problems.push("next_seq record is malformed".into()),
+                    }
+                } else {
+                    problems.push(format!("unknown meta record {show:?}"));
+                }
+            }
+            Some(b'L') => {
+                check(record::decode::<LogRecord>(&v).map(|_| ()), &mut problems);
+                if u64_of(&k[1..]).is_some_and(|s| s >= next_seq) {
+                    problems.push(format!(
+                        "log record {show:?} at or beyond next_seq {next_seq}"
+                    ));
+                }
+            }
+            Some(b'P') => match (keydec(&k[1..]), record::decode::<PendingRecord>(&v)) {
+                (Some(key), Ok(p)) => {
+                    *entity_counts.entry(key.entity.clone()).or_default() += 1;
+                    pending.insert(k[1..].to_vec(), p);
+                }
+                (None, _) => problems.push(format!("pending key {show:?} does not decode")),
+                (_, Err(e)) => problems.push(format!("record {show:?}: {e}")),
+            },
+            Some(b'I') => match (k.get(1..9).and_then(u64_of), k.get(9..)) {
+                (Some(seq), Some(rest)) if keydec(rest).is_some() => {
+                    index.push((seq, rest.to_vec()))
+                }
+                _ => problems.push(format!("index key {show:?} does not decode")),
+            },
+            Some(b'E') => {
+                if u64_of(&v).is_none() {
+                    problems.push(format!("entity count {show:?} is malformed"));
+                }
+            }
+            Some(b'D') => check(
+                record::decode::<DeliveredRecord>(&v).map(|_| ()),
+                &mut problems,
+            ),
+            Some(b'T') => check(
+                record::decode::<TombstoneRecord>(&v).map(|_| ()),
+                &mut problems,
+            ),
+            Some(b'Q') => {
+                quarantine += 1;
+                check(
+                    record::decode::<QuarantineRecord>(&v).map(|_| ()),
+                    &mut problems,
+                );
+            }
+            Some(b'X') => corrupt_area += 1,
+            _ => problems.push(format!("unknown record {show:?}")),
+        }
+    }
+    if !format_seen && report.records > 0 {
+        problems.push("no format version record: not a flux-outbox store?".into());
+    }
+    // Every pending key has exactly one index entry at its first_seq, and vice versa.
+    let mut indexed: HashSet<Vec<u8>> = HashSet::new();
+    for (seq, rest) in &index {
+        match pending.get(rest) {
+            Some(p) if p.first_seq == *seq => {
+                if !indexed.insert(rest.clone()) {
+                    problems.push(format!("key {:?} indexed twice", keydec(rest)));
+                }
+            }
+            Some(p) => problems.push(format!(
+                "index entry {seq} for {:?} but its first_seq is {}",
+                keydec(rest),
+                p.first_seq
+            )),
+            None => problems.push(format!(
+                "index entry {seq} for {:?} without a pending value",
+                keydec(rest)
+            )),
+        }
+    }
+    for rest in pending.keys() {
+        if !indexed.contains(rest) {
+            problems.push(format!(
+                "pending key {:?} missing from the delivery index",
+                keydec(rest)
+            ));
+        }
+    }
+    for item in db.scan_prefix(b"E") {
+        let Ok((k, v)) = item else { continue };
+        let entity = String::from_utf8_lossy(&k[1..]).into_owned();
+        let stored = u64_of(&v).unwrap_or(0);
+        let actual = entity_counts.get(&entity).copied().unwrap_or(0);
+        if stored != actual {
+            problems.push(format!(
+                "entity {entity:?}: count says {stored} pending keys, found {actual}"
+            ));
+        }
+    }
+    if counters.pending_keys != pending.len() as u64 {
+        problems.push(format!(
+            "counter pending_keys = {} but {} pending records",
+            counters.pending_keys,
+            pending.len()
+        ));
+    }
+    if counters.pending_entities != entity_counts.len() as u64 {
+        problems.push(format!(
+            "counter pending_entities = {} but {} entities pending",
+            counters.pending_entities,
+            entity_counts.len()
+        ));
+    }
+    if counters.quarantine_keys != quarantine {
+        problems.push(format!(
+            "counter quarantine_keys = {} but {} quarantine records",
+            counters.quarantine_keys, quarantine
+        ));
+    }
+    if counters.corrupt_set_aside != corrupt_area {
+        // Set-aside records are counted when set aside; a mismatch means the area was edited.
+        problems.push(format!(
+            "counter corrupt_set_aside = {} but {} records set aside",
+            counters.corrupt_set_aside, corrupt_area
+        ));
+    }
+    report.problems = problems;
+    report
+}
+
+/// Copies every readable record of a store sled could not open into `db`, best effort. sled
+/// offers no reader for a store it cannot open, so this tries to open the moved copy again
+/// (a failure can be transient) and otherwise salvages nothing; returns the records copied.
+fn salvage_into(aside: &Path, db: &sled::Db) -> u64 {
+    let old = match sled::Config::new().path(aside).open() {
+        Ok(old) => old,
+        Err(e) => {
+            tracing::error!(error = %e, "moved-aside store cannot be read: nothing salvaged");
+            return 0;
+        }
+    };
+    let mut copied = 0;
+    for item in old.iter() {
+        match item {
+            Ok((k, v)) => {
+                if db.insert(k, v).is_ok() {
+                    copied += 1;
+                }
+            }
+            Err(_) => break,
+        }
+    }
+    let _ = db.flush();
+    copied
+}

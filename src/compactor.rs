@@ -2,7 +2,9 @@
 //! at a time (see `store` for why every step is crash-safe). It runs on its own thread because
 //! sled calls block; ingest wakes it after every commit, and a short tick covers missed wakes.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender};
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::store::Store;
@@ -47,6 +49,10 @@ fn run(store: Store, rx: Receiver<()>) {
             }
             Ok(_) => {}
             Err(e) => {
+                if stop.load(Ordering::SeqCst) {
+                    // Shutting down: what is left stays in the log and is folded at next start.
+                    return;
+                }
                 // A failed step changed nothing (one atomic batch); retry later, never give up:
                 // the log keeps the data until a step succeeds.
                 tracing::error!(error = %e, "compaction step failed; retrying");

@@ -1,1 +1,118 @@
-fn main() {}
+//! `flux-outbox`: parses the command line and hands over to the library (`app::run`).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use flux_outbox::config::Config;
+
+#[derive(Parser)]
+#[command(name = "flux-outbox", version, about = "Durable write-ahead outbox: buffers entity updates on disk and delivers them to Flux", long_about = None)]
+struct Cli {
+    /// Log format: human-readable text, or JSON lines for log shippers. Filter with RUST_LOG.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text, global = true)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the worker: accept updates, store them durably, deliver them to Flux.
+    Run {
+        /// Configuration file (TOML). Without it: defaults plus environment overrides.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+    /// Validate the configuration and print the effective values (tokens redacted).
+    CheckConfig {
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+    /// The whole mission end to end on this machine: a simulated Flux, the worker, a SCADA feed,
+    /// a link outage and a worker crash; ends with a verification line.
+    Demo {
+        /// How long to feed updates (the outage and the crash happen inside this time).
+        #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+        duration: std::time::Duration,
+        /// Print progress as plain lines instead of redrawing one status line.
+        #[arg(long)]
+        plain: bool,
+    },
+}
+
+fn init_logs(format: LogFormat, default_level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::CheckConfig { config } => match Config::load(config.as_deref()) {
+            Ok(cfg) => {
+                print!("{}", cfg.render_effective());
+                for w in cfg.warnings() {
+                    eprintln!("warning: {w}");
+                }
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("flux-outbox: configuration error: {e}");
+                ExitCode::from(2)
+            }
+        },
+        Command::Run { config } => {
+            init_logs(cli.log_format, "info");
+            let cfg = match Config::load(config.as_deref()) {
+                Ok(cfg) => cfg,
+                Err(e) => {
+                    eprintln!("flux-outbox: configuration error: {e}");
+                    return ExitCode::from(2);
+                }
+            };
+            for w in cfg.warnings() {
+                tracing::warn!("{w}");
+            }
+            let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("flux-outbox: cannot start the runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            let result = rt.block_on(flux_outbox::app::run(cfg, flux_outbox::signals::shutdown_signal(), |r| {
+                flux_outbox::signals::notify_ready(r);
+            }));
+            match result {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    tracing::error!("{e}");
+                    eprintln!("flux-outbox: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        Command::Demo { duration, plain } => {
+            init_logs(cli.log_format, "warn");
+            match flux_outbox::demo::run(duration, plain) {
+                Ok(true) => ExitCode::SUCCESS,
+                Ok(false) => ExitCode::FAILURE,
+                Err(e) => {
+                    eprintln!("flux-outbox demo: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}

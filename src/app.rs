@@ -1,0 +1,208 @@
+//! Wiring: `run(config, shutdown)` opens the store, starts the compactor, the flush worker and
+//! the HTTP listeners, and on shutdown stops accepting (503), finishes in-flight requests, runs
+//! one last bounded flush, and makes the store durable before returning.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::config::{self, Config};
+use crate::flusher::{FlushOptions, Flusher, MergeMode};
+use crate::flux_client::{ClientConfig, FluxClient};
+use crate::ingest::AppState;
+use crate::merge::ConflictPolicy;
+use crate::metrics::Metrics;
+use crate::store::{Durability, Store, StoreOptions};
+
+/// Why the worker could not start (the process exits non-zero with this message).
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("store: {0}")]
+    Store(#[from] crate::store::StoreError),
+    #[error("flux client: {0}")]
+    Client(#[from] crate::flux_client::ClientError),
+    #[error("cannot listen on {addr}: {source}")]
+    Bind { addr: SocketAddr, source: std::io::Error },
+    #[error("{0}")]
+    Other(String),
+}
+
+/// What the running worker exposes to callers that embed it (tests, the demo).
+#[derive(Clone)]
+pub struct Running {
+    pub ingest_addr: SocketAddr,
+    pub admin_addr: SocketAddr,
+    pub store: Store,
+    pub metrics: Arc<Metrics>,
+}
+
+pub fn store_options(cfg: &Config) -> StoreOptions {
+    StoreOptions {
+        durability: match cfg.durability {
+            config::Durability::Fsync => Durability::Fsync,
+            config::Durability::Flush => Durability::Flush,
+        },
+        cache_bytes: cfg.store.cache_bytes,
+        pending_keys_max: cfg.store.pending_keys_max,
+        disk_bytes_max: cfg.store.disk_bytes_max,
+        group_commit_window: cfg.ingest.group_commit_window,
+    }
+}
+
+pub fn flush_options(cfg: &Config) -> FlushOptions {
+    FlushOptions {
+        interval: cfg.flush.interval,
+        batch_events_max: cfg.flush.batch_events_max,
+        batch_bytes_max: cfg.flush.batch_bytes_max as usize,
+        in_flight_max: cfg.flush.in_flight_max,
+        events_per_minute_max: cfg.flush.events_per_minute_max.min(u64::from(u32::MAX)) as u32,
+        merge: match cfg.flush.merge {
+            config::MergeMode::ReadMergeWrite => MergeMode::ReadMergeWrite,
+            config::MergeMode::Blind => MergeMode::Blind,
+        },
+        conflict_policy: match cfg.flush.conflict_policy {
+            config::ConflictPolicy::Overwrite => ConflictPolicy::Overwrite,
+            config::ConflictPolicy::KeepRemote => ConflictPolicy::KeepRemote,
+        },
+        protected: cfg.ingest.protected_properties.clone(),
+        read_concurrency: cfg.flush.read_concurrency,
+        backoff_initial: cfg.flush.backoff_initial,
+        backoff_max: cfg.flush.backoff_max,
+        stream: cfg.flux.stream.clone(),
+        source: cfg.flux_source(),
+        ..FlushOptions::default()
+    }
+}
+
+pub fn client_config(cfg: &Config, url: &str) -> ClientConfig {
+    ClientConfig {
+        base_url: url.to_string(),
+        auth_token: cfg.flux.auth_token.as_ref().map(|t| crate::flux_client::Secret::new(t.expose())),
+        connect_timeout: cfg.flux.connect_timeout,
+        request_timeout: cfg.flux.request_timeout,
+        read_timeout: cfg.flux.read_timeout,
+        pool_max_idle_per_host: cfg.flush.in_flight_max + cfg.flush.read_concurrency,
+        ca_file: cfg.flux.ca_file.clone(),
+        ..ClientConfig::default()
+    }
+}
+
+/// Runs the worker until `shutdown` resolves. `on_ready` is called once the store is open and
+/// the listeners are bound (systemd readiness, tests).
+pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>, on_ready: impl FnOnce(&Running)) -> Result<(), StartError> {
+    let data_dir = cfg.data_dir.clone();
+    let opts = store_options(&cfg);
+    let (store, report) = tokio::task::spawn_blocking(move || Store::open(&data_dir, opts))
+        .await
+        .map_err(|e| StartError::Other(format!("store open task failed: {e}")))??;
+    if let Some(aside) = &report.moved_aside_to {
+        tracing::error!(aside = %aside.display(), salvaged = report.salvaged_records, error = ?report.open_error,
+            "THE STORE COULD NOT BE OPENED: it was moved aside and a fresh store started; inspect the old one with outbox-dump");
+    }
+    let stats = store.stats();
+    tracing::info!(dir = %store.dir().display(), pending_keys = stats.pending_keys, log_backlog = stats.log_backlog,
+        quarantine = stats.quarantine_keys, created = report.created, "store open");
+
+    let compactor = crate::compactor::spawn(store.clone()).map_err(|e| StartError::Other(format!("cannot start compactor: {e}")))?;
+    let client = match &cfg.flux.url {
+        Some(url) => Some(FluxClient::new(client_config(&cfg, url))?),
+        None => {
+            tracing::warn!("no Flux URL configured: offline mode, updates are buffered only");
+            None
+        }
+    };
+    let metrics = Arc::new(Metrics::new(client.is_none()));
+    let state = Arc::new(AppState {
+        store: store.clone(),
+        metrics: metrics.clone(),
+        rules: cfg.rules(),
+        ingest_token: cfg.ingest.token.clone(),
+        admin_token: cfg.admin.token.clone(),
+        shutting_down: Default::default(),
+        compactor: compactor.waker(),
+        default_stream: cfg.flux.stream.clone(),
+        flux: client.clone(),
+        gateway_id: cfg.gateway_id.clone(),
+    });
+
+    let ingest_router = crate::ingest::router(state.clone(), cfg.ingest.body_bytes_max as usize);
+    let admin_router = crate::admin::router(state.clone());
+    let bind = |addr: SocketAddr| async move { TcpListener::bind(addr).await.map_err(|source| StartError::Bind { addr, source }) };
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut servers = tokio::task::JoinSet::new();
+    let ingest_listener = bind(cfg.ingest.listen).await?;
+    let ingest_addr = ingest_listener.local_addr().map_err(|e| StartError::Other(e.to_string()))?;
+    let admin_addr;
+    if cfg.admin.listen == cfg.ingest.listen {
+        admin_addr = ingest_addr;
+        servers.spawn(serve(ingest_listener, ingest_router.merge(admin_router), stop_rx.clone()));
+    } else {
+        let admin_listener = bind(cfg.admin.listen).await?;
+        admin_addr = admin_listener.local_addr().map_err(|e| StartError::Other(e.to_string()))?;
+        servers.spawn(serve(ingest_listener, ingest_router, stop_rx.clone()));
+        servers.spawn(serve(admin_listener, admin_router, stop_rx.clone()));
+    }
+    tracing::info!(%ingest_addr, %admin_addr, "listening");
+
+    let flusher = client.map(|c| Flusher::new(store.clone(), c, flush_options(&cfg), metrics.clone()));
+    let flush_task = flusher.clone().map(|f| tokio::spawn(f.run(stop_rx.clone())));
+
+    // Disk usage feeds the disk limit and /metrics; directory walks stay off the hot path.
+    let disk_store = store.clone();
+    let mut disk_stop = stop_rx.clone();
+    let disk_task = tokio::spawn(async move {
+        loop {
+            let s = disk_store.clone();
+            let _ = tokio::task::spawn_blocking(move || s.refresh_disk_bytes()).await;
+            tokio::select! {
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                _ = disk_stop.changed() => return,
+            }
+        }
+    });
+
+    on_ready(&Running { ingest_addr, admin_addr, store: store.clone(), metrics: metrics.clone() });
+    shutdown.await;
+
+    tracing::info!("shutting down: refusing new updates, finishing requests in flight");
+    state.shutting_down.store(true, Ordering::SeqCst);
+    let _ = stop_tx.send(true);
+    while servers.join_next().await.is_some() {}
+    if let Some(t) = flush_task {
+        let _ = t.await;
+    }
+    let _ = disk_task.await;
+    let _ = tokio::task::spawn_blocking(move || compactor.stop_and_join()).await;
+    if let Some(f) = flusher {
+        let bound = cfg.flush.final_flush_timeout;
+        if !bound.is_zero() && store.stats().pending_keys > 0 {
+            tracing::info!(timeout_ms = bound.as_millis() as u64, "final flush");
+            if tokio::time::timeout(bound, f.drain_once()).await.is_err() {
+                tracing::warn!("final flush did not finish in time; the rest stays pending on disk");
+            }
+        }
+    }
+    let s = store.clone();
+    tokio::task::spawn_blocking(move || s.close())
+        .await
+        .map_err(|e| StartError::Other(format!("close task failed: {e}")))??;
+    let stats = store.stats();
+    tracing::info!(pending_keys = stats.pending_keys, "store closed; exiting");
+    Ok(())
+}
+
+async fn serve(listener: TcpListener, router: axum::Router, mut stop: watch::Receiver<bool>) {
+    let result = axum::serve(listener, router)
+        .with_graceful_shutdown(async move {
+            let _ = stop.wait_for(|s| *s).await;
+        })
+        .await;
+    if let Err(e) = result {
+        tracing::error!(error = %e, "listener failed");
+    }
+}

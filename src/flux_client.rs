@@ -818,7 +818,7 @@ impl FluxClient {
         if !matches!(parsed.scheme(), "http" | "https") {
             return Err(bad("scheme must be http or https"));
         }
-        if parsed.host_str().is_none_or(str::is_empty) {
+        if parsed.host_str().map_or(true, str::is_empty) {
             return Err(bad("no host"));
         }
         if parsed.query().is_some() || parsed.fragment().is_some() {
@@ -1330,7 +1330,7 @@ mod tests {
         e.event_id = Some("id-1".into());
         assert_eq!(serde_json::to_value(&e).unwrap()["eventId"], json!("id-1"));
         assert_eq!(e.encoded_len(), serde_json::to_vec(&e).unwrap().len());
-        let events = vec![e.clone(), ev(json!({"a": 1})), ev(json!({"b": [1, 2]}))];
+        let events = [e.clone(), ev(json!({"a": 1})), ev(json!({"b": [1, 2]}))];
         for n in 1..=events.len() {
             let body = batch_body(&events[..n]);
             assert_eq!(
@@ -1429,14 +1429,16 @@ mod tests {
             {"eventId":"e","stream":"s","error":"publish failed: Failed to await publish ack"},
             {"eventId":"f","stream":"s","error":"something new"}]}"#;
         let ra = Some(Duration::from_secs(60));
-        let cases: Vec<(
+        // (status, content type, body, Retry-After, events sent, expected outcome)
+        type Case<'a> = (
             u16,
-            Option<&str>,
-            &[u8],
+            Option<&'a str>,
+            &'a [u8],
             Option<Duration>,
             usize,
             BatchOutcome,
-        )> = vec![
+        );
+        let cases: Vec<Case> = vec![
             (
                 200,
                 Some("application/json"),

@@ -838,12 +838,12 @@ fn key_at(text: &str, offset: usize) -> Option<String> {
     if line.starts_with('[') {
         return header(line);
     }
-    let key = line
-        .split('=')
-        .next()
-        .filter(|_| line.contains('='))?
-        .trim()
-        .trim_matches('"');
+    // A value continued over several lines (an array) belongs to the nearest `key =` above.
+    let statement = std::iter::once(line)
+        .chain(text[..line_start].lines().rev().map(str::trim))
+        .take_while(|l| !l.starts_with('['))
+        .find(|l| l.contains('=') && !l.starts_with('#'))?;
+    let key = statement.split('=').next()?.trim().trim_matches('"');
     let table = text[..line_start].lines().rev().find_map(header);
     Some(match table {
         Some(t) if !t.is_empty() => format!("{t}.{key}"),
@@ -919,6 +919,11 @@ pub mod size {
             .parse()
             .map_err(|_| format!("invalid size {text:?}: number too large"))?;
         let unit = unit.trim_start();
+        if unit.starts_with('.') {
+            return Err(format!(
+                "invalid size {text:?}: fractions are not accepted, use a smaller unit (e.g. \"1536MiB\")"
+            ));
+        }
         let unit = if unit == "kB" { "KB" } else { unit };
         let factor = if unit.is_empty() {
             1
@@ -1044,7 +1049,17 @@ mod tests {
         let e = parse("[store]\ncache_bytes = \"1.5GiB\"\n")
             .unwrap_err()
             .to_string();
-        assert!(e.contains("store.cache_bytes"), "{e}");
+        assert!(
+            e.contains("store.cache_bytes") && e.contains("fractions"),
+            "{e}"
+        );
+        let e = parse("[ingest]\nprotected_properties = [\n  \"a\",\n  3,\n]\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.starts_with("test.toml:4:3: ingest.protected_properties: invalid type"),
+            "{e}"
+        );
         let e = parse("[store]\ncache_bytes = -5\n")
             .unwrap_err()
             .to_string();

@@ -501,6 +501,9 @@ impl Config {
         if self.flux.source.is_none() {
             self.flux.source = Some(format!("outbox-{}", self.gateway_id));
         }
+        if let Some(url) = &self.flux.url {
+            self.flux.url = Some(normalize_url(url).map_err(|m| invalid("flux.url", m))?);
+        }
         Ok(())
     }
 
@@ -756,6 +759,12 @@ fn resolve_secret(
 fn check_secret_not_empty(key: &str, secret: &Option<Secret>) -> Result<(), ConfigError> {
     match secret {
         Some(s) if s.expose().trim().is_empty() => Err(invalid(key, "must not be empty")),
+        // A copy of `check-config` output used as a config would otherwise "work" with the
+        // placeholder as the token.
+        Some(s) if s.expose() == REDACTED => Err(invalid(
+            key,
+            "is the placeholder \"[redacted]\" (copied from check-config output?): set the real token",
+        )),
         _ => Ok(()),
     }
 }
@@ -1275,10 +1284,12 @@ mod tests {
             c.flux.auth_token.as_ref().map(Secret::expose),
             Some("flux-secret")
         );
-        // The rendering is itself a valid config (tokens then read "[redacted]").
+        // The rendering parses back, but its placeholder tokens are refused.
         let back = parse(&rendered).unwrap();
         assert_eq!(back.flush, c.flush);
         assert_eq!(back.store, c.store);
+        let e = back.validate().unwrap_err().to_string();
+        assert!(e.starts_with("ingest.token: is the placeholder"), "{e}");
     }
 
     #[test]

@@ -2,3 +2,4 @@
 //! an edge gateway to Flux. See ARCHITECTURE.md for the bird's-eye view and the code map.
 
 pub mod model;
+pub mod sim;

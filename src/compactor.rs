@@ -24,27 +24,49 @@ impl Waker {
     }
 }
 
-/// Starts the compactor thread. It stops when every `Waker` is dropped and the log is empty.
-pub fn spawn(store: Store) -> std::io::Result<(Waker, std::thread::JoinHandle<()>)> {
-    let (tx, rx) = sync_channel(1);
-    let handle = std::thread::Builder::new()
-        .name("outbox-compactor".into())
-        .spawn(move || run(store, rx))?;
-    Ok((Waker(tx), handle))
+/// The running compactor thread.
+pub struct Compactor {
+    waker: Waker,
+    stop: Arc<AtomicBool>,
+    handle: std::thread::JoinHandle<()>,
 }
 
-fn run(store: Store, rx: Receiver<()>) {
+impl Compactor {
+    pub fn waker(&self) -> Waker {
+        self.waker.clone()
+    }
+
+    /// Folds what is left of the log, then stops the thread.
+    pub fn stop_and_join(self) {
+        self.stop.store(true, Ordering::SeqCst);
+        self.waker.wake();
+        let _ = self.handle.join();
+    }
+}
+
+/// Starts the compactor thread.
+pub fn spawn(store: Store) -> std::io::Result<Compactor> {
+    let (tx, rx) = sync_channel(1);
+    let stop = Arc::new(AtomicBool::new(false));
+    let thread_stop = stop.clone();
+    let handle = std::thread::Builder::new()
+        .name("outbox-compactor".into())
+        .spawn(move || run(store, rx, thread_stop))?;
+    Ok(Compactor { waker: Waker(tx), stop, handle })
+}
+
+fn run(store: Store, rx: Receiver<()>, stop: Arc<AtomicBool>) {
     let mut error_backoff = Duration::from_millis(100);
     loop {
         match store.compact_step(STEP_RECORDS_MAX) {
             Ok(0) => {
                 error_backoff = Duration::from_millis(100);
+                if stop.load(Ordering::SeqCst) {
+                    return;
+                }
                 match rx.recv_timeout(IDLE_TICK) {
                     Ok(()) | Err(RecvTimeoutError::Timeout) => {}
-                    Err(RecvTimeoutError::Disconnected) => {
-                        let _ = store.compact_all();
-                        return;
-                    }
+                    Err(RecvTimeoutError::Disconnected) => return,
                 }
             }
             Ok(_) => {}

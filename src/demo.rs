@@ -76,7 +76,8 @@ async fn wait_ready(http: &reqwest::Client, admin: &str, limit: Duration) -> boo
 }
 
 async fn summary(http: &reqwest::Client, admin: &str) -> Option<Value> {
-    http.get(format!("{admin}/v1/outbox/summary")).send().await.ok()?.json().await.ok()
+    let bytes = http.get(format!("{admin}/v1/outbox/summary")).send().await.ok()?.bytes().await.ok()?;
+    serde_json::from_slice(&bytes).ok()
 }
 
 /// Runs the demo; Ok(true) when the verification passed.

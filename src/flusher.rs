@@ -318,7 +318,7 @@ impl Flusher {
                 timestamp_ms: ev.ts_ms().max(1),
                 entity_id: ev.entity.clone(),
                 properties: props.clone(),
-                event_id: event_id(ev),
+                event_id: Some(event_id(ev)),
             };
             planned.push((event, ev, props));
         }

@@ -134,7 +134,7 @@ fn flux_event_id(seq: u64, gateway: &str) -> String {
 }
 
 async fn post_flux_single(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Bytes) -> Response {
-    match accept(&state, &headers, || ingest_parse::parse_flux_single(&body, &state.rules).map(|u| vec![u])).await {
+    match accept(&state, &headers, || ingest_parse::parse_flux_single(&body, &state.rules)).await {
         Ok((updates, seq)) => {
             let stream = updates.first().and_then(|u| u.stream.clone()).unwrap_or_else(|| state.default_stream.clone());
             Json(json!({ "eventId": flux_event_id(seq, &state.gateway_id), "stream": stream })).into_response()

@@ -1,6 +1,3 @@
-<<<<<<< HEAD
-fn main() {}
-=======
 //! flux-sim: a Flux-compatible HTTP server for tests, demos and benchmarks.
 //! See `flux_outbox::sim` for the behaviour, the `/_sim/` control API and known differences.
 
@@ -123,4 +120,3 @@ async fn wait_for_signal() -> std::io::Result<()> {
         _ = term.recv() => Ok(()),
     }
 }
->>>>>>> sim

@@ -66,15 +66,23 @@ fn check(state: &AppState, headers: &HeaderMap) -> Result<(), Response> {
     if authorized(headers, &state.admin_token) {
         Ok(())
     } else {
-        Err(error(StatusCode::UNAUTHORIZED, "missing or wrong admin token (Authorization: Bearer <token>)"))
+        Err(error(
+            StatusCode::UNAUTHORIZED,
+            "missing or wrong admin token (Authorization: Bearer <token>)",
+        ))
     }
 }
 
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, StoreError> + Send + 'static) -> Result<T, Response> {
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, Response> {
     match tokio::task::spawn_blocking(f).await {
         Ok(Ok(v)) => Ok(v),
         Ok(Err(e)) => Err(error(StatusCode::INTERNAL_SERVER_ERROR, e.to_string())),
-        Err(e) => Err(error(StatusCode::INTERNAL_SERVER_ERROR, format!("task failed: {e}"))),
+        Err(e) => Err(error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("task failed: {e}"),
+        )),
     }
 }
 
@@ -89,7 +97,11 @@ async fn readyz(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Respo
         "link": state.metrics.link().as_str(),
         "shutting_down": shutting,
     });
-    let status = if shutting { StatusCode::SERVICE_UNAVAILABLE } else { StatusCode::OK };
+    let status = if shutting {
+        StatusCode::SERVICE_UNAVAILABLE
+    } else {
+        StatusCode::OK
+    };
     (status, Json(body)).into_response()
 }
 
@@ -97,7 +109,9 @@ pub fn summary_of(store: &Store, state: Option<&AppState>) -> Summary {
     Summary {
         stats: store.stats(),
         link: state.map(|s| s.metrics.link().as_str().to_string()),
-        last_delivery_ms: state.map(|s| s.metrics.last_delivery_ms.load(Ordering::Relaxed)).filter(|&t| t > 0),
+        last_delivery_ms: state
+            .map(|s| s.metrics.last_delivery_ms.load(Ordering::Relaxed))
+            .filter(|&t| t > 0),
     }
 }
 
@@ -129,23 +143,89 @@ async fn metrics(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Resp
 
 fn render_store(out: &mut String, s: &Stats) {
     let now = crate::model::now_ms();
-    let oldest_age_s = s.oldest_pending_ms.map(|t| now.saturating_sub(t) as f64 / 1000.0).unwrap_or(0.0);
+    let oldest_age_s = s
+        .oldest_pending_ms
+        .map(|t| now.saturating_sub(t) as f64 / 1000.0)
+        .unwrap_or(0.0);
     let gauges: [(&str, &str, &str, f64); 12] = [
-        ("flux_outbox_pending_keys", "Keys waiting for delivery.", "gauge", s.pending_keys as f64),
-        ("flux_outbox_pending_entities", "Entities with keys waiting for delivery.", "gauge", s.pending_entities as f64),
-        ("flux_outbox_oldest_pending_age_seconds", "Age of the value that has waited longest.", "gauge", oldest_age_s),
-        ("flux_outbox_log_backlog", "Accepted updates not compacted yet.", "gauge", s.log_backlog as f64),
-        ("flux_outbox_quarantine_keys", "Keys Flux rejected for good.", "gauge", s.quarantine_keys as f64),
-        ("flux_outbox_superseded_total", "Values replaced by a newer value before delivery.", "counter", s.superseded as f64),
-        ("flux_outbox_late_dropped_total", "Updates older than what was delivered or deleted.", "counter", s.late_dropped as f64),
-        ("flux_outbox_delivered_keys_total", "Keys acknowledged by Flux.", "counter", s.delivered as f64),
-        ("flux_outbox_quarantined_total", "Keys ever quarantined.", "counter", s.quarantined_total as f64),
-        ("flux_outbox_corrupt_records_total", "Records set aside as corrupt.", "counter", s.corrupt_set_aside as f64),
-        ("flux_outbox_disk_bytes", "Bytes the store uses on disk.", "gauge", s.disk_bytes as f64),
-        ("flux_outbox_in_flight_entities", "Entities in batches being sent.", "gauge", s.in_flight_entities as f64),
+        (
+            "flux_outbox_pending_keys",
+            "Keys waiting for delivery.",
+            "gauge",
+            s.pending_keys as f64,
+        ),
+        (
+            "flux_outbox_pending_entities",
+            "Entities with keys waiting for delivery.",
+            "gauge",
+            s.pending_entities as f64,
+        ),
+        (
+            "flux_outbox_oldest_pending_age_seconds",
+            "Age of the value that has waited longest.",
+            "gauge",
+            oldest_age_s,
+        ),
+        (
+            "flux_outbox_log_backlog",
+            "Accepted updates not compacted yet.",
+            "gauge",
+            s.log_backlog as f64,
+        ),
+        (
+            "flux_outbox_quarantine_keys",
+            "Keys Flux rejected for good.",
+            "gauge",
+            s.quarantine_keys as f64,
+        ),
+        (
+            "flux_outbox_superseded_total",
+            "Values replaced by a newer value before delivery.",
+            "counter",
+            s.superseded as f64,
+        ),
+        (
+            "flux_outbox_late_dropped_total",
+            "Updates older than what was delivered or deleted.",
+            "counter",
+            s.late_dropped as f64,
+        ),
+        (
+            "flux_outbox_delivered_keys_total",
+            "Keys acknowledged by Flux.",
+            "counter",
+            s.delivered as f64,
+        ),
+        (
+            "flux_outbox_quarantined_total",
+            "Keys ever quarantined.",
+            "counter",
+            s.quarantined_total as f64,
+        ),
+        (
+            "flux_outbox_corrupt_records_total",
+            "Records set aside as corrupt.",
+            "counter",
+            s.corrupt_set_aside as f64,
+        ),
+        (
+            "flux_outbox_disk_bytes",
+            "Bytes the store uses on disk.",
+            "gauge",
+            s.disk_bytes as f64,
+        ),
+        (
+            "flux_outbox_in_flight_entities",
+            "Entities in batches being sent.",
+            "gauge",
+            s.in_flight_entities as f64,
+        ),
     ];
     for (name, help, kind, v) in gauges {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}");
+        let _ = writeln!(
+            out,
+            "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}"
+        );
     }
 }
 
@@ -160,7 +240,11 @@ fn limit_of(q: Option<usize>) -> usize {
     q.unwrap_or(LIST_LIMIT_DEFAULT).min(LIST_LIMIT_MAX)
 }
 
-async fn pending(State(state): State<Arc<AppState>>, headers: HeaderMap, Query(q): Query<ListQuery>) -> Response {
+async fn pending(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Query(q): Query<ListQuery>,
+) -> Response {
     if let Err(r) = check(&state, &headers) {
         return r;
     }
@@ -170,24 +254,42 @@ async fn pending(State(state): State<Arc<AppState>>, headers: HeaderMap, Query(q
         None => None,
     };
     let st = state.clone();
-    match blocking(move || st.store.pending_rows(q.entity.as_deref(), older, limit_of(q.limit))).await {
+    match blocking(move || {
+        st.store
+            .pending_rows(q.entity.as_deref(), older, limit_of(q.limit))
+    })
+    .await
+    {
         Ok(rows) => Json::<Vec<Row>>(rows).into_response(),
         Err(r) => r,
     }
 }
 
-async fn quarantine(State(state): State<Arc<AppState>>, headers: HeaderMap, Query(q): Query<ListQuery>) -> Response {
+async fn quarantine(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Query(q): Query<ListQuery>,
+) -> Response {
     if let Err(r) = check(&state, &headers) {
         return r;
     }
     let st = state.clone();
-    match blocking(move || st.store.quarantine_rows(q.entity.as_deref(), limit_of(q.limit))).await {
+    match blocking(move || {
+        st.store
+            .quarantine_rows(q.entity.as_deref(), limit_of(q.limit))
+    })
+    .await
+    {
         Ok(rows) => Json::<Vec<Row>>(rows).into_response(),
         Err(r) => r,
     }
 }
 
-async fn log(State(state): State<Arc<AppState>>, headers: HeaderMap, Query(q): Query<ListQuery>) -> Response {
+async fn log(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Query(q): Query<ListQuery>,
+) -> Response {
     if let Err(r) = check(&state, &headers) {
         return r;
     }
@@ -216,12 +318,19 @@ struct RequeueQuery {
     all: bool,
 }
 
-async fn requeue(State(state): State<Arc<AppState>>, headers: HeaderMap, Query(q): Query<RequeueQuery>) -> Response {
+async fn requeue(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Query(q): Query<RequeueQuery>,
+) -> Response {
     if let Err(r) = check(&state, &headers) {
         return r;
     }
     if q.entity.is_none() && !q.all {
-        return error(StatusCode::BAD_REQUEST, "requeue needs entity=PREFIX or all=true");
+        return error(
+            StatusCode::BAD_REQUEST,
+            "requeue needs entity=PREFIX or all=true",
+        );
     }
     let st = state.clone();
     match blocking(move || st.store.requeue(q.entity.as_deref())).await {
@@ -239,7 +348,11 @@ struct ExportQuery {
     quarantine: bool,
 }
 
-async fn export(State(state): State<Arc<AppState>>, headers: HeaderMap, Query(q): Query<ExportQuery>) -> Response {
+async fn export(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    Query(q): Query<ExportQuery>,
+) -> Response {
     if let Err(r) = check(&state, &headers) {
         return r;
     }
@@ -254,14 +367,19 @@ async fn export(State(state): State<Arc<AppState>>, headers: HeaderMap, Query(q)
 /// update per entity and source time, so that posting it to another worker recreates them.
 pub fn export_ndjson(store: &Store, quarantine: bool) -> Result<String, StoreError> {
     store.compact_all()?;
-    let rows = if quarantine { store.quarantine_rows(None, usize::MAX)? } else { store.pending_rows(None, None, usize::MAX)? };
+    let rows = if quarantine {
+        store.quarantine_rows(None, usize::MAX)?
+    } else {
+        store.pending_rows(None, None, usize::MAX)?
+    };
     Ok(rows_to_ndjson(&rows))
 }
 
 /// Groups rows per (entity, ts) into native ingest updates, one JSON object per line.
 pub fn rows_to_ndjson(rows: &[Row]) -> String {
     use std::collections::BTreeMap;
-    let mut groups: BTreeMap<(String, u64), (bool, serde_json::Map<String, serde_json::Value>)> = BTreeMap::new();
+    let mut groups: BTreeMap<(String, u64), (bool, serde_json::Map<String, serde_json::Value>)> =
+        BTreeMap::new();
     for r in rows {
         let g = groups.entry((r.entity.clone(), r.ts_ms)).or_default();
         if r.property == crate::model::DELETE_PROPERTY {
@@ -273,10 +391,18 @@ pub fn rows_to_ndjson(rows: &[Row]) -> String {
     let mut out = String::new();
     for ((entity, ts), (delete, props)) in groups {
         if delete {
-            let _ = writeln!(out, "{}", json!({ "entity": entity, "delete": true, "ts": ts }));
+            let _ = writeln!(
+                out,
+                "{}",
+                json!({ "entity": entity, "delete": true, "ts": ts })
+            );
         }
         if !props.is_empty() {
-            let _ = writeln!(out, "{}", json!({ "entity": entity, "properties": props, "ts": ts }));
+            let _ = writeln!(
+                out,
+                "{}",
+                json!({ "entity": entity, "properties": props, "ts": ts })
+            );
         }
     }
     out

@@ -27,7 +27,10 @@ pub enum StartError {
     #[error("flux client: {0}")]
     Client(#[from] crate::flux_client::ClientError),
     #[error("cannot listen on {addr}: {source}")]
-    Bind { addr: SocketAddr, source: std::io::Error },
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
     #[error("{0}")]
     Other(String),
 }
@@ -82,7 +85,11 @@ pub fn flush_options(cfg: &Config) -> FlushOptions {
 pub fn client_config(cfg: &Config, url: &str) -> ClientConfig {
     ClientConfig {
         base_url: url.to_string(),
-        auth_token: cfg.flux.auth_token.as_ref().map(|t| crate::flux_client::Secret::new(t.expose())),
+        auth_token: cfg
+            .flux
+            .auth_token
+            .as_ref()
+            .map(|t| crate::flux_client::Secret::new(t.expose())),
         connect_timeout: cfg.flux.connect_timeout,
         request_timeout: cfg.flux.request_timeout,
         read_timeout: cfg.flux.read_timeout,
@@ -94,7 +101,11 @@ pub fn client_config(cfg: &Config, url: &str) -> ClientConfig {
 
 /// Runs the worker until `shutdown` resolves. `on_ready` is called once the store is open and
 /// the listeners are bound (systemd readiness, tests).
-pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>, on_ready: impl FnOnce(&Running)) -> Result<(), StartError> {
+pub async fn run(
+    cfg: Config,
+    shutdown: impl Future<Output = ()>,
+    on_ready: impl FnOnce(&Running),
+) -> Result<(), StartError> {
     let data_dir = cfg.data_dir.clone();
     let opts = store_options(&cfg);
     let (store, report) = tokio::task::spawn_blocking(move || Store::open(&data_dir, opts))
@@ -108,7 +119,8 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>, on_ready: impl
     tracing::info!(dir = %store.dir().display(), pending_keys = stats.pending_keys, log_backlog = stats.log_backlog,
         quarantine = stats.quarantine_keys, created = report.created, "store open");
 
-    let compactor = crate::compactor::spawn(store.clone()).map_err(|e| StartError::Other(format!("cannot start compactor: {e}")))?;
+    let compactor = crate::compactor::spawn(store.clone())
+        .map_err(|e| StartError::Other(format!("cannot start compactor: {e}")))?;
     let client = match &cfg.flux.url {
         Some(url) => Some(FluxClient::new(client_config(&cfg, url))?),
         None => {
@@ -132,25 +144,40 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>, on_ready: impl
 
     let ingest_router = crate::ingest::router(state.clone(), cfg.ingest.body_bytes_max as usize);
     let admin_router = crate::admin::router(state.clone());
-    let bind = |addr: SocketAddr| async move { TcpListener::bind(addr).await.map_err(|source| StartError::Bind { addr, source }) };
+    let bind = |addr: SocketAddr| async move {
+        TcpListener::bind(addr)
+            .await
+            .map_err(|source| StartError::Bind { addr, source })
+    };
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut servers = tokio::task::JoinSet::new();
     let ingest_listener = bind(cfg.ingest.listen).await?;
-    let ingest_addr = ingest_listener.local_addr().map_err(|e| StartError::Other(e.to_string()))?;
+    let ingest_addr = ingest_listener
+        .local_addr()
+        .map_err(|e| StartError::Other(e.to_string()))?;
     let admin_addr;
     if cfg.admin.listen == cfg.ingest.listen {
         admin_addr = ingest_addr;
-        servers.spawn(serve(ingest_listener, ingest_router.merge(admin_router), stop_rx.clone()));
+        servers.spawn(serve(
+            ingest_listener,
+            ingest_router.merge(admin_router),
+            stop_rx.clone(),
+        ));
     } else {
         let admin_listener = bind(cfg.admin.listen).await?;
-        admin_addr = admin_listener.local_addr().map_err(|e| StartError::Other(e.to_string()))?;
+        admin_addr = admin_listener
+            .local_addr()
+            .map_err(|e| StartError::Other(e.to_string()))?;
         servers.spawn(serve(ingest_listener, ingest_router, stop_rx.clone()));
         servers.spawn(serve(admin_listener, admin_router, stop_rx.clone()));
     }
     tracing::info!(%ingest_addr, %admin_addr, "listening");
 
-    let flusher = client.map(|c| Flusher::new(store.clone(), c, flush_options(&cfg), metrics.clone()));
-    let flush_task = flusher.clone().map(|f| tokio::spawn(f.run(stop_rx.clone())));
+    let flusher =
+        client.map(|c| Flusher::new(store.clone(), c, flush_options(&cfg), metrics.clone()));
+    let flush_task = flusher
+        .clone()
+        .map(|f| tokio::spawn(f.run(stop_rx.clone())));
 
     // Disk usage feeds the disk limit and /metrics; directory walks stay off the hot path.
     let disk_store = store.clone();
@@ -166,7 +193,12 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>, on_ready: impl
         }
     });
 
-    on_ready(&Running { ingest_addr, admin_addr, store: store.clone(), metrics: metrics.clone() });
+    on_ready(&Running {
+        ingest_addr,
+        admin_addr,
+        store: store.clone(),
+        metrics: metrics.clone(),
+    });
     shutdown.await;
 
     tracing::info!("shutting down: refusing new updates, finishing requests in flight");
@@ -183,7 +215,9 @@ pub async fn run(cfg: Config, shutdown: impl Future<Output = ()>, on_ready: impl
         if !bound.is_zero() && store.stats().pending_keys > 0 {
             tracing::info!(timeout_ms = bound.as_millis() as u64, "final flush");
             if tokio::time::timeout(bound, f.drain_once()).await.is_err() {
-                tracing::warn!("final flush did not finish in time; the rest stays pending on disk");
+                tracing::warn!(
+                    "final flush did not finish in time; the rest stays pending on disk"
+                );
             }
         }
     }

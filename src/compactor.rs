@@ -52,7 +52,11 @@ pub fn spawn(store: Store) -> std::io::Result<Compactor> {
     let handle = std::thread::Builder::new()
         .name("outbox-compactor".into())
         .spawn(move || run(store, rx, thread_stop))?;
-    Ok(Compactor { waker: Waker(tx), stop, handle })
+    Ok(Compactor {
+        waker: Waker(tx),
+        stop,
+        handle,
+    })
 }
 
 fn run(store: Store, rx: Receiver<()>, stop: Arc<AtomicBool>) {

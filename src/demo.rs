@@ -40,12 +40,18 @@ struct Worker {
 }
 
 fn free_port() -> std::io::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
 }
 
 fn spawn_worker(config: &Path, log: &Path) -> Result<Worker, String> {
     let exe = std::env::current_exe().map_err(|e| format!("cannot find this executable: {e}"))?;
-    let log_file = std::fs::OpenOptions::new().create(true).append(true).open(log).map_err(|e| format!("cannot open {}: {e}", log.display()))?;
+    let log_file = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(log)
+        .map_err(|e| format!("cannot open {}: {e}", log.display()))?;
     let child = Command::new(exe)
         .arg("run")
         .arg("--config")
@@ -76,21 +82,38 @@ async fn wait_ready(http: &reqwest::Client, admin: &str, limit: Duration) -> boo
 }
 
 async fn summary(http: &reqwest::Client, admin: &str) -> Option<Value> {
-    let bytes = http.get(format!("{admin}/v1/outbox/summary")).send().await.ok()?.bytes().await.ok()?;
+    let bytes = http
+        .get(format!("{admin}/v1/outbox/summary"))
+        .send()
+        .await
+        .ok()?
+        .bytes()
+        .await
+        .ok()?;
     serde_json::from_slice(&bytes).ok()
 }
 
 /// Runs the demo; Ok(true) when the verification passed.
 pub fn run(duration: Duration, plain: bool) -> Result<bool, String> {
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().map_err(|e| e.to_string())?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| e.to_string())?;
     rt.block_on(run_async(duration, plain))
 }
 
 async fn run_async(duration: Duration, plain: bool) -> Result<bool, String> {
     let started = Instant::now();
-    let dir = tempfile::Builder::new().prefix("flux-outbox-demo-").tempdir().map_err(|e| format!("cannot create a temporary directory: {e}"))?;
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.map_err(|e| format!("cannot bind flux-sim: {e}"))?;
-    let flux = sim::start(sim::SimConfig::default(), listener).await.map_err(|e| format!("cannot start flux-sim: {e}"))?;
+    let dir = tempfile::Builder::new()
+        .prefix("flux-outbox-demo-")
+        .tempdir()
+        .map_err(|e| format!("cannot create a temporary directory: {e}"))?;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .map_err(|e| format!("cannot bind flux-sim: {e}"))?;
+    let flux = sim::start(sim::SimConfig::default(), listener)
+        .await
+        .map_err(|e| format!("cannot start flux-sim: {e}"))?;
     let ingest_port = free_port().map_err(|e| e.to_string())?;
     let admin_port = free_port().map_err(|e| e.to_string())?;
     let config = dir.path().join("flux-outbox.toml");
@@ -104,21 +127,38 @@ async fn run_async(duration: Duration, plain: bool) -> Result<bool, String> {
     std::fs::write(&config, toml).map_err(|e| format!("cannot write {}: {e}", config.display()))?;
     let ingest = format!("http://127.0.0.1:{ingest_port}");
     let admin = format!("http://127.0.0.1:{admin_port}");
-    let http = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().map_err(|e| e.to_string())?;
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()
+        .map_err(|e| e.to_string())?;
 
-    println!("flux-outbox demo: flux-sim at {}, worker data in {}", flux.url(), data_dir.display());
+    println!(
+        "flux-outbox demo: flux-sim at {}, worker data in {}",
+        flux.url(),
+        data_dir.display()
+    );
     println!("feed: {SITES} sites x {ASSETS_PER_SITE} assets x {} tags, {}s; link cut at 25%, worker killed (SIGKILL) at 50%, link back at 70%", TAGS.len(), duration.as_secs());
     let mut worker = spawn_worker(&config, &log)?;
     if !wait_ready(&http, &admin, Duration::from_secs(30)).await {
         let _ = worker.child.kill();
-        return Err(format!("the worker did not become ready; its log: {}", log.display()));
+        return Err(format!(
+            "the worker did not become ready; its log: {}",
+            log.display()
+        ));
     }
 
     let truth: Truth = Arc::new(Mutex::new(BTreeMap::new()));
     let acked = Arc::new(AtomicU64::new(0));
     let refused = Arc::new(AtomicU64::new(0));
     let feeding = Arc::new(std::sync::atomic::AtomicBool::new(true));
-    let feeder = tokio::spawn(feed(http.clone(), ingest.clone(), truth.clone(), acked.clone(), refused.clone(), feeding.clone()));
+    let feeder = tokio::spawn(feed(
+        http.clone(),
+        ingest.clone(),
+        truth.clone(),
+        acked.clone(),
+        refused.clone(),
+        feeding.clone(),
+    ));
 
     let mut phase = 0;
     let mut kills = 0;
@@ -126,7 +166,10 @@ async fn run_async(duration: Duration, plain: bool) -> Result<bool, String> {
     while t0.elapsed() < duration {
         let frac = t0.elapsed().as_secs_f64() / duration.as_secs_f64();
         if phase == 0 && frac >= 0.25 {
-            flux.set_faults(sim::Faults { link_down: true, ..Default::default() });
+            flux.set_faults(sim::Faults {
+                link_down: true,
+                ..Default::default()
+            });
             println!("\n>>> link to Flux cut");
             phase = 1;
         }
@@ -137,7 +180,10 @@ async fn run_async(duration: Duration, plain: bool) -> Result<bool, String> {
             println!("\n>>> worker killed with SIGKILL; restarting");
             worker = spawn_worker(&config, &log)?;
             if !wait_ready(&http, &admin, Duration::from_secs(30)).await {
-                return Err(format!("the worker did not come back after the kill; its log: {}", log.display()));
+                return Err(format!(
+                    "the worker did not come back after the kill; its log: {}",
+                    log.display()
+                ));
             }
             println!(">>> worker back");
             phase = 2;
@@ -178,16 +224,25 @@ async fn run_async(duration: Duration, plain: bool) -> Result<bool, String> {
     let status = worker.child.wait().map_err(|e| e.to_string())?;
 
     let state = flux.entities();
-    let truth = truth.lock().map_err(|_| "feeder state poisoned".to_string())?.clone();
+    let truth = truth
+        .lock()
+        .map_err(|_| "feeder state poisoned".to_string())?
+        .clone();
     let mut wrong = Vec::new();
     for ((entity, prop), t) in &truth {
         let have = state.get(entity).and_then(|props| props.get(prop));
         let Some((acked_ts, acked_value)) = &t.acked else {
             continue; // never acknowledged: no promise was made
         };
-        let ok = have == Some(acked_value) || t.unacked.iter().any(|(ts, v)| ts > acked_ts && have == Some(v));
+        let ok = have == Some(acked_value)
+            || t.unacked
+                .iter()
+                .any(|(ts, v)| ts > acked_ts && have == Some(v));
         if !ok {
-            wrong.push(format!("{entity} {prop}: Flux has {:?}, newest acknowledged is {acked_value}", have));
+            wrong.push(format!(
+                "{entity} {prop}: Flux has {:?}, newest acknowledged is {acked_value}",
+                have
+            ));
         }
     }
     let keys = truth.values().filter(|t| t.acked.is_some()).count();
@@ -213,7 +268,13 @@ async fn run_async(duration: Duration, plain: bool) -> Result<bool, String> {
     Ok(ok)
 }
 
-async fn progress(http: &reqwest::Client, admin: &str, acked: &AtomicU64, refused: &AtomicU64, plain: bool) {
+async fn progress(
+    http: &reqwest::Client,
+    admin: &str,
+    acked: &AtomicU64,
+    refused: &AtomicU64,
+    plain: bool,
+) {
     let line = match summary(http, admin).await {
         Some(s) => format!(
             "ingested {:>7}  pending {:>4}  delivered {:>7}  superseded {:>7}  refused {:>4}  link {}",
@@ -234,7 +295,14 @@ async fn progress(http: &reqwest::Client, admin: &str, acked: &AtomicU64, refuse
     }
 }
 
-async fn feed(http: reqwest::Client, ingest: String, truth: Truth, acked: Arc<AtomicU64>, refused: Arc<AtomicU64>, feeding: Arc<std::sync::atomic::AtomicBool>) {
+async fn feed(
+    http: reqwest::Client,
+    ingest: String,
+    truth: Truth,
+    acked: Arc<AtomicU64>,
+    refused: Arc<AtomicU64>,
+    feeding: Arc<std::sync::atomic::AtomicBool>,
+) {
     let mut n: u64 = 0;
     let base_ts = crate::model::now_ms();
     let mut ts = base_ts;
@@ -249,12 +317,24 @@ async fn feed(http: reqwest::Client, ingest: String, truth: Truth, acked: Arc<At
             let tag = TAGS[(n as usize / (SITES * ASSETS_PER_SITE)) % TAGS.len()];
             let entity = format!("scada/asset/site-{site}/tr-{asset:02}");
             let prop = format!("tag/TR-{asset:02}.{tag}");
-            let value = if tag == "STATUS" { json!(["OK", "WARNING", "CRITICAL"][(n % 3) as usize]) } else { json!((n % 1000) as f64 / 10.0) };
-            lines.push_str(&json!({"entity": entity, "properties": {prop.clone(): value.clone()}, "ts": ts}).to_string());
+            let value = if tag == "STATUS" {
+                json!(["OK", "WARNING", "CRITICAL"][(n % 3) as usize])
+            } else {
+                json!((n % 1000) as f64 / 10.0)
+            };
+            lines.push_str(
+                &json!({"entity": entity, "properties": {prop.clone(): value.clone()}, "ts": ts})
+                    .to_string(),
+            );
             lines.push('\n');
             sent.push(((entity, prop), ts, value));
         }
-        let result = http.post(format!("{ingest}/v1/updates")).header("content-type", "application/x-ndjson").body(lines).send().await;
+        let result = http
+            .post(format!("{ingest}/v1/updates"))
+            .header("content-type", "application/x-ndjson")
+            .body(lines)
+            .send()
+            .await;
         let ok = matches!(&result, Ok(r) if r.status().is_success());
         if let Ok(mut t) = truth.lock() {
             for (key, ts, value) in sent {

@@ -22,7 +22,9 @@ use futures_util::stream::{self, StreamExt};
 use serde_json::{Map, Value};
 use tokio::sync::watch;
 
-use crate::flux_client::{Backoff, BatchOutcome, EventOutcome, FluxClient, FluxEvent, Jitter, RateLimiter};
+use crate::flux_client::{
+    Backoff, BatchOutcome, EventOutcome, FluxClient, FluxEvent, Jitter, RateLimiter,
+};
 use crate::merge::{self, ConflictPolicy, Delivered, MergeOptions, PropertyWrite, Remote};
 use crate::metrics::{LinkState, Metrics};
 use crate::model::{now_ms, value_hash, PropKey, Update, UpdateOp};
@@ -105,17 +107,40 @@ pub struct Flusher {
 }
 
 impl Flusher {
-    pub fn new(store: Store, client: FluxClient, opts: FlushOptions, metrics: Arc<Metrics>) -> Arc<Self> {
-        let merge_opts = MergeOptions { policy: opts.conflict_policy, protected: opts.protected.iter().cloned().collect() };
+    pub fn new(
+        store: Store,
+        client: FluxClient,
+        opts: FlushOptions,
+        metrics: Arc<Metrics>,
+    ) -> Arc<Self> {
+        let merge_opts = MergeOptions {
+            policy: opts.conflict_policy,
+            protected: opts.protected.iter().cloned().collect(),
+        };
         // The bucket holds one batch: the cap paces batches, it does not allow a minute's burst.
-        let limiter = (opts.events_per_minute_max > 0).then(|| RateLimiter::per_minute(opts.events_per_minute_max, opts.batch_events_max as u32));
-        Arc::new(Flusher { store, client, opts, metrics, merge_opts, limiter, suspects: Default::default() })
+        let limiter = (opts.events_per_minute_max > 0).then(|| {
+            RateLimiter::per_minute(opts.events_per_minute_max, opts.batch_events_max as u32)
+        });
+        Arc::new(Flusher {
+            store,
+            client,
+            opts,
+            metrics,
+            merge_opts,
+            limiter,
+            suspects: Default::default(),
+        })
     }
 
     /// Runs until `shutdown` turns true, then makes one last bounded pass (the caller bounds it
     /// with a timeout) and returns.
     pub async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
-        let mut backoff = Backoff::new(self.opts.backoff_initial, self.opts.backoff_max, 2.0, Jitter::Full);
+        let mut backoff = Backoff::new(
+            self.opts.backoff_initial,
+            self.opts.backoff_max,
+            2.0,
+            Jitter::Full,
+        );
         let mut last_flush = Instant::now();
         let poll = Duration::from_millis(50).min(self.opts.interval);
         loop {
@@ -132,10 +157,16 @@ impl Flusher {
                     verdict => {
                         let delay = match verdict {
                             LinkVerdict::Auth => self.opts.backoff_max,
-                            LinkVerdict::RateLimited(Some(d)) => d.min(self.opts.backoff_max.max(Duration::from_secs(60))),
+                            LinkVerdict::RateLimited(Some(d)) => {
+                                d.min(self.opts.backoff_max.max(Duration::from_secs(60)))
+                            }
                             _ => backoff.next_delay(),
                         };
-                        tracing::warn!(delay_ms = delay.as_millis() as u64, ?verdict, "flush backing off");
+                        tracing::warn!(
+                            delay_ms = delay.as_millis() as u64,
+                            ?verdict,
+                            "flush backing off"
+                        );
                         tokio::select! {
                             _ = tokio::time::sleep(delay) => {}
                             _ = shutdown.changed() => {}
@@ -157,7 +188,10 @@ impl Flusher {
     /// Claims and sends batches, up to `in_flight_max` at once, until nothing is claimable or a
     /// batch reports a link problem.
     pub async fn drain_once(self: &Arc<Self>) -> LinkVerdict {
-        let limits = ClaimLimits { events_max: self.opts.batch_events_max, bytes_max: self.opts.batch_bytes_max };
+        let limits = ClaimLimits {
+            events_max: self.opts.batch_events_max,
+            bytes_max: self.opts.batch_bytes_max,
+        };
         let mut tasks = tokio::task::JoinSet::new();
         let mut verdict = LinkVerdict::Ok;
         loop {
@@ -195,15 +229,24 @@ impl Flusher {
         let mut settlements = Vec::new();
         let verdict = self.process(&claim.events, &mut settlements).await;
         self.metrics.observe_flush(started.elapsed().as_secs_f64());
-        let delivered_any = settlements.iter().any(|s| matches!(s.outcome, Outcome::Delivered { .. }));
+        let delivered_any = settlements
+            .iter()
+            .any(|s| matches!(s.outcome, Outcome::Delivered { .. }));
         self.track_suspects(&settlements);
         // Every claimed key gets a settlement; anything the code above missed is retried.
-        let settled: std::collections::HashSet<PropKey> = settlements.iter().map(|s| s.key.clone()).collect();
+        let settled: std::collections::HashSet<PropKey> =
+            settlements.iter().map(|s| s.key.clone()).collect();
         for ev in &claim.events {
             for p in &ev.props {
                 let key = PropKey::new(ev.entity.clone(), p.name.clone());
                 if !settled.contains(&key) {
-                    settlements.push(Settlement { key, sent: p.pending.clone(), outcome: Outcome::Retry { error: "not attempted".into() } });
+                    settlements.push(Settlement {
+                        key,
+                        sent: p.pending.clone(),
+                        outcome: Outcome::Retry {
+                            error: "not attempted".into(),
+                        },
+                    });
                 }
             }
         }
@@ -212,7 +255,9 @@ impl Flusher {
             self.store.release(&claim);
         }
         if delivered_any {
-            self.metrics.last_delivery_ms.store(now_ms(), std::sync::atomic::Ordering::Relaxed);
+            self.metrics
+                .last_delivery_ms
+                .store(now_ms(), std::sync::atomic::Ordering::Relaxed);
         }
         match verdict {
             LinkVerdict::Ok => self.metrics.set_link(LinkState::Up),
@@ -226,34 +271,43 @@ impl Flusher {
     /// Plans (read-merge-write), sends, and splits on whole-batch rejections.
     async fn process(&self, events: &[ClaimedEvent], out: &mut Vec<Settlement>) -> LinkVerdict {
         // 1. Read Flux's current state of every entity (bounded concurrency).
-        let remote: HashMap<String, Option<crate::flux_client::EntityState>> = if self.opts.merge == MergeMode::ReadMergeWrite {
-            let ids: Vec<String> = events.iter().filter(|e| !e.delete).map(|e| e.entity.clone()).collect();
-            let reads = stream::iter(ids.into_iter().map(|id| async move {
-                let r = self.client.get_entity(&id).await;
-                (id, r)
-            }))
-            .buffer_unordered(self.opts.read_concurrency.max(1))
-            .collect::<Vec<_>>()
-            .await;
-            let mut map = HashMap::new();
-            for (id, r) in reads {
-                self.metrics.reads.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                match r {
-                    Ok(state) => {
-                        map.insert(id, state);
-                    }
-                    Err(e) => {
-                        self.metrics.read_failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        let error = format!("read before write failed: {e}");
-                        retry_all(events, &error, out);
-                        return LinkVerdict::Unknown;
+        let remote: HashMap<String, Option<crate::flux_client::EntityState>> =
+            if self.opts.merge == MergeMode::ReadMergeWrite {
+                let ids: Vec<String> = events
+                    .iter()
+                    .filter(|e| !e.delete)
+                    .map(|e| e.entity.clone())
+                    .collect();
+                let reads = stream::iter(ids.into_iter().map(|id| async move {
+                    let r = self.client.get_entity(&id).await;
+                    (id, r)
+                }))
+                .buffer_unordered(self.opts.read_concurrency.max(1))
+                .collect::<Vec<_>>()
+                .await;
+                let mut map = HashMap::new();
+                for (id, r) in reads {
+                    self.metrics
+                        .reads
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    match r {
+                        Ok(state) => {
+                            map.insert(id, state);
+                        }
+                        Err(e) => {
+                            self.metrics
+                                .read_failures
+                                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            let error = format!("read before write failed: {e}");
+                            retry_all(events, &error, out);
+                            return LinkVerdict::Unknown;
+                        }
                     }
                 }
-            }
-            map
-        } else {
-            HashMap::new()
-        };
+                map
+            } else {
+                HashMap::new()
+            };
 
         // 2. Plan each event.
         let mut planned: Vec<(FluxEvent, &ClaimedEvent, Map<String, Value>)> = Vec::new();
@@ -264,7 +318,10 @@ impl Flusher {
                 .map(|p| PropertyWrite {
                     name: &p.name,
                     value: &p.value,
-                    delivered: p.delivered.map(|d| Delivered { value_hash: d.value_hash, delivered_at_ms: d.delivered_at_ms }),
+                    delivered: p.delivered.map(|d| Delivered {
+                        value_hash: d.value_hash,
+                        delivered_at_ms: d.delivered_at_ms,
+                    }),
                 })
                 .collect();
             let state = remote.get(&ev.entity);
@@ -278,15 +335,27 @@ impl Flusher {
                 merge::tombstone_properties()
             } else {
                 for (name, d) in &plan.decisions {
-                    let Some(p) = ev.props.iter().find(|p| &p.name == name) else { continue };
+                    let Some(p) = ev.props.iter().find(|p| &p.name == name) else {
+                        continue;
+                    };
                     let key = PropKey::new(ev.entity.clone(), name.clone());
                     match d {
                         merge::Decision::NoOp => {
-                            self.metrics.noops.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                            out.push(Settlement { key, sent: p.pending.clone(), outcome: Outcome::Delivered { value_hash: value_hash(&p.value) } });
+                            self.metrics
+                                .noops
+                                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            out.push(Settlement {
+                                key,
+                                sent: p.pending.clone(),
+                                outcome: Outcome::Delivered {
+                                    value_hash: value_hash(&p.value),
+                                },
+                            });
                         }
                         merge::Decision::Conflict { resolution } => {
-                            self.metrics.conflicts.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            self.metrics
+                                .conflicts
+                                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                             tracing::warn!(entity = %ev.entity, property = %name, ?resolution, "conflict: Flux changed this key after our last delivery");
                             if matches!(resolution, merge::Resolution::KeepRemote) {
                                 let remote_hash = state
@@ -294,14 +363,25 @@ impl Flusher {
                                     .and_then(|s| s.properties.get(name))
                                     .map(value_hash)
                                     .unwrap_or(0);
-                                out.push(Settlement { key, sent: p.pending.clone(), outcome: Outcome::Delivered { value_hash: remote_hash } });
+                                out.push(Settlement {
+                                    key,
+                                    sent: p.pending.clone(),
+                                    outcome: Outcome::Delivered {
+                                        value_hash: remote_hash,
+                                    },
+                                });
                             }
                         }
                         merge::Decision::Protected => {
                             out.push(Settlement {
                                 key,
                                 sent: p.pending.clone(),
-                                outcome: Outcome::Quarantine { reason: format!("property {name:?} is protected and never written"), http_status: None },
+                                outcome: Outcome::Quarantine {
+                                    reason: format!(
+                                        "property {name:?} is protected and never written"
+                                    ),
+                                    http_status: None,
+                                },
                             });
                         }
                         merge::Decision::Send(_) => {}
@@ -313,8 +393,14 @@ impl Flusher {
                 continue;
             }
             let event = FluxEvent {
-                stream: ev.stream.clone().unwrap_or_else(|| self.opts.stream.clone()),
-                source: ev.source.clone().unwrap_or_else(|| self.opts.source.clone()),
+                stream: ev
+                    .stream
+                    .clone()
+                    .unwrap_or_else(|| self.opts.stream.clone()),
+                source: ev
+                    .source
+                    .clone()
+                    .unwrap_or_else(|| self.opts.source.clone()),
                 timestamp_ms: ev.ts_ms().max(1),
                 entity_id: ev.entity.clone(),
                 properties: props.clone(),
@@ -329,14 +415,23 @@ impl Flusher {
     }
 
     /// Sends planned events; splits on whole-batch 400 and 413 (iteratively, no recursion).
-    async fn send_planned(&self, planned: &[(FluxEvent, &ClaimedEvent, Map<String, Value>)], out: &mut Vec<Settlement>) -> LinkVerdict {
+    async fn send_planned(
+        &self,
+        planned: &[(FluxEvent, &ClaimedEvent, Map<String, Value>)],
+        out: &mut Vec<Settlement>,
+    ) -> LinkVerdict {
         let mut work: Vec<std::ops::Range<usize>> = vec![0..planned.len()];
         let mut verdict = LinkVerdict::Ok;
         while let Some(range) = work.pop() {
             let part = &planned[range.clone()];
             if verdict != LinkVerdict::Ok {
                 for (_, ev, props) in part {
-                    retry_event(ev, props, "not sent: link problem earlier in this batch", out);
+                    retry_event(
+                        ev,
+                        props,
+                        "not sent: link problem earlier in this batch",
+                        out,
+                    );
                 }
                 continue;
             }
@@ -345,12 +440,16 @@ impl Flusher {
             }
             let events: Vec<FluxEvent> = part.iter().map(|(e, _, _)| e.clone()).collect();
             let bytes: usize = events.iter().map(|e| e.encoded_len()).sum();
-            self.metrics.bytes_sent.fetch_add(bytes as u64, std::sync::atomic::Ordering::Relaxed);
+            self.metrics
+                .bytes_sent
+                .fetch_add(bytes as u64, std::sync::atomic::Ordering::Relaxed);
             let outcome = self.client.post_batch(&events).await;
             match outcome {
                 BatchOutcome::PerEvent(results) => {
                     self.metrics.batch("ok");
-                    let any_applied = results.iter().any(|r| matches!(r, EventOutcome::Applied { .. }));
+                    let any_applied = results
+                        .iter()
+                        .any(|r| matches!(r, EventOutcome::Applied { .. }));
                     for ((_, ev, props), r) in part.iter().zip(results.iter()) {
                         match r {
                             EventOutcome::Applied { .. } => {
@@ -395,9 +494,14 @@ impl Flusher {
                         verdict = LinkVerdict::Unknown;
                     }
                 }
-                BatchOutcome::WholeBatchRejected { .. } | BatchOutcome::TooLarge if part.len() > 1 => {
+                BatchOutcome::WholeBatchRejected { .. } | BatchOutcome::TooLarge
+                    if part.len() > 1 =>
+                {
                     self.metrics.batch("split");
-                    tracing::info!(events = part.len(), "batch refused whole: splitting to isolate the bad event");
+                    tracing::info!(
+                        events = part.len(),
+                        "batch refused whole: splitting to isolate the bad event"
+                    );
                     let mid = range.start + part.len() / 2;
                     work.push(mid..range.end);
                     work.push(range.start..mid);
@@ -449,7 +553,13 @@ impl Flusher {
         for s in settlements {
             match &s.outcome {
                 Outcome::Retry { error } if error.starts_with(SUSPECT_TAG) => {
-                    suspects.entry(s.key.clone()).or_insert(Suspect { delivered: None, until }).until = until;
+                    suspects
+                        .entry(s.key.clone())
+                        .or_insert(Suspect {
+                            delivered: None,
+                            until,
+                        })
+                        .until = until;
                 }
                 Outcome::Delivered { .. } => {
                     if let Some(sus) = suspects.get_mut(&s.key) {
@@ -476,7 +586,12 @@ impl Flusher {
             let mut suspects = self.suspects.lock().unwrap_or_else(|p| p.into_inner());
             let now = Instant::now();
             suspects.retain(|_, s| s.until > now);
-            suspects.iter().filter(|(_, s)| s.delivered.is_some()).take(256).map(|(k, s)| (k.clone(), s.clone())).collect()
+            suspects
+                .iter()
+                .filter(|(_, s)| s.delivered.is_some())
+                .take(256)
+                .map(|(k, s)| (k.clone(), s.clone()))
+                .collect()
         };
         if due.is_empty() {
             return Ok(());
@@ -487,13 +602,19 @@ impl Flusher {
         }
         let mut rewrites = Vec::new();
         for (entity, keys) in by_entity {
-            self.metrics.reads.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            self.metrics
+                .reads
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             let state = self.client.get_entity(&entity).await.map_err(|e| {
-                self.metrics.read_failures.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                self.metrics
+                    .read_failures
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 e.to_string()
             })?;
             for (key, sus) in keys {
-                let Some((value, ts_ms, _seq)) = sus.delivered else { continue };
+                let Some((value, ts_ms, _seq)) = sus.delivered else {
+                    continue;
+                };
                 let ok = if key.is_delete() {
                     state.is_none()
                 } else {
@@ -502,27 +623,42 @@ impl Flusher {
                 if ok {
                     continue;
                 }
-                let pending_newer = self.store.pending_rows(Some(&key.entity), None, usize::MAX).map_err(|e| e.to_string())?.iter().any(|r| r.entity == key.entity && r.property == key.property);
+                let pending_newer = self
+                    .store
+                    .pending_rows(Some(&key.entity), None, usize::MAX)
+                    .map_err(|e| e.to_string())?
+                    .iter()
+                    .any(|r| r.entity == key.entity && r.property == key.property);
                 if pending_newer {
                     continue;
                 }
                 tracing::warn!(entity = %key.entity, property = %key.property, "read-back found an older value in Flux (late write): re-sending the newest");
-                self.metrics.convergence_rewrites.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                self.metrics
+                    .convergence_rewrites
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 let op = if key.is_delete() {
                     UpdateOp::Delete
                 } else {
                     UpdateOp::Set(std::iter::once((key.property.clone(), value)).collect())
                 };
-                rewrites.push(Update { entity: key.entity.clone(), op, ts_ms, stream: None, source: None });
+                rewrites.push(Update {
+                    entity: key.entity.clone(),
+                    op,
+                    ts_ms,
+                    stream: None,
+                    source: None,
+                });
             }
         }
         if !rewrites.is_empty() {
-            self.store.ingest(rewrites).await.map_err(|e| e.to_string())?;
+            self.store
+                .ingest(rewrites)
+                .await
+                .map_err(|e| e.to_string())?;
         }
         Ok(())
     }
 }
-
 
 const SUSPECT_TAG: &str = "unknown outcome: ";
 
@@ -530,43 +666,88 @@ const SUSPECT_TAG: &str = "unknown outcome: ";
 fn event_id(ev: &ClaimedEvent) -> String {
     let newest = ev.props.iter().map(|p| p.version.seq).max().unwrap_or(0);
     let oldest = ev.props.iter().map(|p| p.version.seq).min().unwrap_or(0);
-    format!("fo-{:016x}-{oldest}-{newest}", value_hash(&Value::String(ev.entity.clone())))
+    format!(
+        "fo-{:016x}-{oldest}-{newest}",
+        value_hash(&Value::String(ev.entity.clone()))
+    )
 }
 
-fn sent_props<'a>(ev: &'a ClaimedEvent, props: &'a Map<String, Value>) -> impl Iterator<Item = (&'a crate::store::ClaimedProp, &'a Value)> {
-    ev.props.iter().filter_map(move |p| props.get(&p.name).map(|v| (p, v)))
+fn sent_props<'a>(
+    ev: &'a ClaimedEvent,
+    props: &'a Map<String, Value>,
+) -> impl Iterator<Item = (&'a crate::store::ClaimedProp, &'a Value)> {
+    ev.props
+        .iter()
+        .filter_map(move |p| props.get(&p.name).map(|v| (p, v)))
 }
 
 fn deliver_event(ev: &ClaimedEvent, props: &Map<String, Value>, out: &mut Vec<Settlement>) {
     for (p, sent) in sent_props(ev, props) {
-        out.push(Settlement { key: PropKey::new(ev.entity.clone(), p.name.clone()), sent: p.pending.clone(), outcome: Outcome::Delivered { value_hash: value_hash(sent) } });
-    }
-}
-
-fn quarantine_event(ev: &ClaimedEvent, props: &Map<String, Value>, reason: &str, status: Option<u16>, out: &mut Vec<Settlement>) {
-    for (p, _) in sent_props(ev, props) {
         out.push(Settlement {
             key: PropKey::new(ev.entity.clone(), p.name.clone()),
             sent: p.pending.clone(),
-            outcome: Outcome::Quarantine { reason: reason.to_string(), http_status: status },
+            outcome: Outcome::Delivered {
+                value_hash: value_hash(sent),
+            },
         });
     }
 }
 
-fn retry_event(ev: &ClaimedEvent, props: &Map<String, Value>, error: &str, out: &mut Vec<Settlement>) {
+fn quarantine_event(
+    ev: &ClaimedEvent,
+    props: &Map<String, Value>,
+    reason: &str,
+    status: Option<u16>,
+    out: &mut Vec<Settlement>,
+) {
     for (p, _) in sent_props(ev, props) {
-        out.push(Settlement { key: PropKey::new(ev.entity.clone(), p.name.clone()), sent: p.pending.clone(), outcome: Outcome::Retry { error: error.to_string() } });
+        out.push(Settlement {
+            key: PropKey::new(ev.entity.clone(), p.name.clone()),
+            sent: p.pending.clone(),
+            outcome: Outcome::Quarantine {
+                reason: reason.to_string(),
+                http_status: status,
+            },
+        });
     }
 }
 
-fn retry_event_suspect(ev: &ClaimedEvent, props: &Map<String, Value>, error: &str, out: &mut Vec<Settlement>) {
+fn retry_event(
+    ev: &ClaimedEvent,
+    props: &Map<String, Value>,
+    error: &str,
+    out: &mut Vec<Settlement>,
+) {
+    for (p, _) in sent_props(ev, props) {
+        out.push(Settlement {
+            key: PropKey::new(ev.entity.clone(), p.name.clone()),
+            sent: p.pending.clone(),
+            outcome: Outcome::Retry {
+                error: error.to_string(),
+            },
+        });
+    }
+}
+
+fn retry_event_suspect(
+    ev: &ClaimedEvent,
+    props: &Map<String, Value>,
+    error: &str,
+    out: &mut Vec<Settlement>,
+) {
     retry_event(ev, props, &format!("{SUSPECT_TAG}{error}"), out);
 }
 
 fn retry_all(events: &[ClaimedEvent], error: &str, out: &mut Vec<Settlement>) {
     for ev in events {
         for p in &ev.props {
-            out.push(Settlement { key: PropKey::new(ev.entity.clone(), p.name.clone()), sent: p.pending.clone(), outcome: Outcome::Retry { error: error.to_string() } });
+            out.push(Settlement {
+                key: PropKey::new(ev.entity.clone(), p.name.clone()),
+                sent: p.pending.clone(),
+                outcome: Outcome::Retry {
+                    error: error.to_string(),
+                },
+            });
         }
     }
 }

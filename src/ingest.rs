@@ -75,21 +75,37 @@ fn parse_error(metrics: &Metrics, e: ParseError) -> Response {
 }
 
 /// Common path of all three endpoints: checks, durable ingest, error mapping.
-async fn accept(state: &AppState, headers: &HeaderMap, parse: impl FnOnce() -> Result<Vec<Update>, ParseError>) -> Result<(Vec<Update>, u64), Response> {
-    state.metrics.ingest_requests.fetch_add(1, Ordering::Relaxed);
+async fn accept(
+    state: &AppState,
+    headers: &HeaderMap,
+    parse: impl FnOnce() -> Result<Vec<Update>, ParseError>,
+) -> Result<(Vec<Update>, u64), Response> {
+    state
+        .metrics
+        .ingest_requests
+        .fetch_add(1, Ordering::Relaxed);
     if state.shutting_down.load(Ordering::SeqCst) {
         state.metrics.reject("shutting_down", 1);
-        return Err(error(StatusCode::SERVICE_UNAVAILABLE, "flux-outbox is shutting down; retry against the restarted worker"));
+        return Err(error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "flux-outbox is shutting down; retry against the restarted worker",
+        ));
     }
     if !authorized(headers, &state.ingest_token) {
         state.metrics.reject("unauthorized", 1);
-        return Err(error(StatusCode::UNAUTHORIZED, "missing or wrong ingest token (Authorization: Bearer <token>)"));
+        return Err(error(
+            StatusCode::UNAUTHORIZED,
+            "missing or wrong ingest token (Authorization: Bearer <token>)",
+        ));
     }
     let updates = parse().map_err(|e| parse_error(&state.metrics, e))?;
     let n = updates.len() as u64;
     match state.store.ingest(updates.clone()).await {
         Ok(ack) => {
-            state.metrics.ingest_updates_accepted.fetch_add(n, Ordering::Relaxed);
+            state
+                .metrics
+                .ingest_updates_accepted
+                .fetch_add(n, Ordering::Relaxed);
             state.compactor.wake();
             Ok((updates, ack.seq))
         }
@@ -105,7 +121,10 @@ pub fn store_error(metrics: &Metrics, e: StoreError, n: u64) -> Response {
         }
         StoreError::Storage(_) => {
             metrics.reject("storage_error", n);
-            error(StatusCode::INSUFFICIENT_STORAGE, format!("{e}; nothing of this request was stored"))
+            error(
+                StatusCode::INSUFFICIENT_STORAGE,
+                format!("{e}; nothing of this request was stored"),
+            )
         }
         StoreError::Closed => {
             metrics.reject("shutting_down", n);
@@ -118,13 +137,25 @@ pub fn store_error(metrics: &Metrics, e: StoreError, n: u64) -> Response {
     }
 }
 
-async fn post_updates(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Bytes) -> Response {
+async fn post_updates(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
     let ndjson = headers
         .get(axum::http::header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with("application/x-ndjson") || v.starts_with("application/jsonl"));
-    match accept(&state, &headers, || ingest_parse::parse_native(&body, ndjson, now_ms(), &state.rules)).await {
-        Ok((updates, seq)) => Json(json!({ "accepted": updates.len(), "seq": seq })).into_response(),
+        .is_some_and(|v| {
+            v.starts_with("application/x-ndjson") || v.starts_with("application/jsonl")
+        });
+    match accept(&state, &headers, || {
+        ingest_parse::parse_native(&body, ndjson, now_ms(), &state.rules)
+    })
+    .await
+    {
+        Ok((updates, seq)) => {
+            Json(json!({ "accepted": updates.len(), "seq": seq })).into_response()
+        }
         Err(r) => r,
     }
 }
@@ -133,18 +164,38 @@ fn flux_event_id(seq: u64, gateway: &str) -> String {
     format!("outbox-{gateway}-{seq}")
 }
 
-async fn post_flux_single(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Bytes) -> Response {
-    match accept(&state, &headers, || ingest_parse::parse_flux_single(&body, &state.rules)).await {
+async fn post_flux_single(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    match accept(&state, &headers, || {
+        ingest_parse::parse_flux_single(&body, &state.rules)
+    })
+    .await
+    {
         Ok((updates, seq)) => {
-            let stream = updates.first().and_then(|u| u.stream.clone()).unwrap_or_else(|| state.default_stream.clone());
-            Json(json!({ "eventId": flux_event_id(seq, &state.gateway_id), "stream": stream })).into_response()
+            let stream = updates
+                .first()
+                .and_then(|u| u.stream.clone())
+                .unwrap_or_else(|| state.default_stream.clone());
+            Json(json!({ "eventId": flux_event_id(seq, &state.gateway_id), "stream": stream }))
+                .into_response()
         }
         Err(r) => r,
     }
 }
 
-async fn post_flux_batch(State(state): State<Arc<AppState>>, headers: HeaderMap, body: Bytes) -> Response {
-    match accept(&state, &headers, || ingest_parse::parse_flux_batch(&body, &state.rules)).await {
+async fn post_flux_batch(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> Response {
+    match accept(&state, &headers, || {
+        ingest_parse::parse_flux_batch(&body, &state.rules)
+    })
+    .await
+    {
         Ok((updates, last_seq)) => {
             let n = updates.len() as u64;
             let first = last_seq + 1 - n;

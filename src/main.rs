@@ -48,8 +48,11 @@ enum Command {
 }
 
 fn init_logs(format: LogFormat, default_level: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
@@ -84,16 +87,23 @@ fn main() -> ExitCode {
             for w in cfg.warnings() {
                 tracing::warn!("{w}");
             }
-            let rt = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+            let rt = match tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()
+            {
                 Ok(rt) => rt,
                 Err(e) => {
                     eprintln!("flux-outbox: cannot start the runtime: {e}");
                     return ExitCode::FAILURE;
                 }
             };
-            let result = rt.block_on(flux_outbox::app::run(cfg, flux_outbox::signals::shutdown_signal(), |r| {
-                flux_outbox::signals::notify_ready(r);
-            }));
+            let result = rt.block_on(flux_outbox::app::run(
+                cfg,
+                flux_outbox::signals::shutdown_signal(),
+                |r| {
+                    flux_outbox::signals::notify_ready(r);
+                },
+            ));
             match result {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {

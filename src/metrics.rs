@@ -75,7 +75,11 @@ pub struct Metrics {
 impl Metrics {
     pub fn new(offline: bool) -> Self {
         let m = Metrics::default();
-        m.set_link(if offline { LinkState::Offline } else { LinkState::Unknown });
+        m.set_link(if offline {
+            LinkState::Offline
+        } else {
+            LinkState::Unknown
+        });
         m
     }
     pub fn set_link(&self, s: LinkState) {
@@ -85,7 +89,9 @@ impl Metrics {
         LinkState::from_code(self.link.load(Ordering::Relaxed))
     }
     pub fn reject(&self, reason: &str, n: u64) {
-        *lock(&self.ingest_rejected).entry(reason.to_string()).or_default() += n;
+        *lock(&self.ingest_rejected)
+            .entry(reason.to_string())
+            .or_default() += n;
     }
     pub fn batch(&self, result: &str) {
         *lock(&self.batches).entry(result.to_string()).or_default() += 1;
@@ -105,25 +111,95 @@ impl Metrics {
             }
         }
         self.flush_count.fetch_add(1, Ordering::Relaxed);
-        self.flush_sum_us.fetch_add((seconds * 1e6) as u64, Ordering::Relaxed);
+        self.flush_sum_us
+            .fetch_add((seconds * 1e6) as u64, Ordering::Relaxed);
     }
 
     /// Prometheus text exposition of these counters (the caller appends the store gauges).
     pub fn render(&self, out: &mut String) {
         let g = |out: &mut String, name: &str, help: &str, kind: &str, v: u64| {
-            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}");
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}"
+            );
         };
-        g(out, "flux_outbox_ingest_requests_total", "Ingest requests received.", "counter", self.ingest_requests.load(Ordering::Relaxed));
-        g(out, "flux_outbox_ingest_accepted_total", "Updates accepted (durable).", "counter", self.ingest_updates_accepted.load(Ordering::Relaxed));
-        labeled(out, "flux_outbox_ingest_rejected_total", "Updates or requests rejected, by reason.", "reason", &lock(&self.ingest_rejected));
-        labeled(out, "flux_outbox_batches_total", "Batches sent to Flux, by result.", "result", &lock(&self.batches));
-        labeled(out, "flux_outbox_events_total", "Events by result.", "result", &lock(&self.events));
-        g(out, "flux_outbox_noops_total", "Keys Flux already held (nothing sent).", "counter", self.noops.load(Ordering::Relaxed));
-        g(out, "flux_outbox_conflicts_total", "Keys changed by another writer since our delivery.", "counter", self.conflicts.load(Ordering::Relaxed));
-        g(out, "flux_outbox_bytes_sent_total", "Request body bytes sent to Flux.", "counter", self.bytes_sent.load(Ordering::Relaxed));
-        g(out, "flux_outbox_reads_total", "Entity reads from Flux (read-merge-write, convergence).", "counter", self.reads.load(Ordering::Relaxed));
-        g(out, "flux_outbox_read_failures_total", "Entity reads that failed.", "counter", self.read_failures.load(Ordering::Relaxed));
-        g(out, "flux_outbox_convergence_rewrites_total", "Keys re-sent after a read-back found an older value.", "counter", self.convergence_rewrites.load(Ordering::Relaxed));
+        g(
+            out,
+            "flux_outbox_ingest_requests_total",
+            "Ingest requests received.",
+            "counter",
+            self.ingest_requests.load(Ordering::Relaxed),
+        );
+        g(
+            out,
+            "flux_outbox_ingest_accepted_total",
+            "Updates accepted (durable).",
+            "counter",
+            self.ingest_updates_accepted.load(Ordering::Relaxed),
+        );
+        labeled(
+            out,
+            "flux_outbox_ingest_rejected_total",
+            "Updates or requests rejected, by reason.",
+            "reason",
+            &lock(&self.ingest_rejected),
+        );
+        labeled(
+            out,
+            "flux_outbox_batches_total",
+            "Batches sent to Flux, by result.",
+            "result",
+            &lock(&self.batches),
+        );
+        labeled(
+            out,
+            "flux_outbox_events_total",
+            "Events by result.",
+            "result",
+            &lock(&self.events),
+        );
+        g(
+            out,
+            "flux_outbox_noops_total",
+            "Keys Flux already held (nothing sent).",
+            "counter",
+            self.noops.load(Ordering::Relaxed),
+        );
+        g(
+            out,
+            "flux_outbox_conflicts_total",
+            "Keys changed by another writer since our delivery.",
+            "counter",
+            self.conflicts.load(Ordering::Relaxed),
+        );
+        g(
+            out,
+            "flux_outbox_bytes_sent_total",
+            "Request body bytes sent to Flux.",
+            "counter",
+            self.bytes_sent.load(Ordering::Relaxed),
+        );
+        g(
+            out,
+            "flux_outbox_reads_total",
+            "Entity reads from Flux (read-merge-write, convergence).",
+            "counter",
+            self.reads.load(Ordering::Relaxed),
+        );
+        g(
+            out,
+            "flux_outbox_read_failures_total",
+            "Entity reads that failed.",
+            "counter",
+            self.read_failures.load(Ordering::Relaxed),
+        );
+        g(
+            out,
+            "flux_outbox_convergence_rewrites_total",
+            "Keys re-sent after a read-back found an older value.",
+            "counter",
+            self.convergence_rewrites.load(Ordering::Relaxed),
+        );
         let link = self.link();
         let _ = writeln!(out, "# HELP flux_outbox_link_up 1 when the last Flux write succeeded.\n# TYPE flux_outbox_link_up gauge\nflux_outbox_link_up {}", u64::from(link == LinkState::Up));
         let _ = writeln!(out, "# HELP flux_outbox_link_state Link state (label), value 1.\n# TYPE flux_outbox_link_state gauge\nflux_outbox_link_state{{state=\"{}\"}} 1", link.as_str());
@@ -131,11 +207,22 @@ impl Metrics {
         let _ = writeln!(out, "# HELP flux_outbox_last_delivery_timestamp_seconds Time of the last acknowledged delivery.\n# TYPE flux_outbox_last_delivery_timestamp_seconds gauge\nflux_outbox_last_delivery_timestamp_seconds {}", last as f64 / 1000.0);
         let _ = writeln!(out, "# HELP flux_outbox_flush_seconds Latency of one batch write to Flux.\n# TYPE flux_outbox_flush_seconds histogram");
         for (i, b) in FLUSH_BUCKETS_S.iter().enumerate() {
-            let _ = writeln!(out, "flux_outbox_flush_seconds_bucket{{le=\"{b}\"}} {}", self.flush_buckets[i].load(Ordering::Relaxed));
+            let _ = writeln!(
+                out,
+                "flux_outbox_flush_seconds_bucket{{le=\"{b}\"}} {}",
+                self.flush_buckets[i].load(Ordering::Relaxed)
+            );
         }
         let count = self.flush_count.load(Ordering::Relaxed);
-        let _ = writeln!(out, "flux_outbox_flush_seconds_bucket{{le=\"+Inf\"}} {count}");
-        let _ = writeln!(out, "flux_outbox_flush_seconds_sum {}", self.flush_sum_us.load(Ordering::Relaxed) as f64 / 1e6);
+        let _ = writeln!(
+            out,
+            "flux_outbox_flush_seconds_bucket{{le=\"+Inf\"}} {count}"
+        );
+        let _ = writeln!(
+            out,
+            "flux_outbox_flush_seconds_sum {}",
+            self.flush_sum_us.load(Ordering::Relaxed) as f64 / 1e6
+        );
         let _ = writeln!(out, "flux_outbox_flush_seconds_count {count}");
     }
 }

@@ -6,7 +6,10 @@ use tokio::signal::unix::{signal, SignalKind};
 
 /// Resolves on the first SIGTERM or SIGINT and arms the second-signal exit.
 pub async fn shutdown_signal() {
-    let (mut term, mut int) = match (signal(SignalKind::terminate()), signal(SignalKind::interrupt())) {
+    let (mut term, mut int) = match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
         (Ok(t), Ok(i)) => (t, i),
         _ => {
             tracing::error!("cannot install signal handlers; stop the worker with SIGKILL");

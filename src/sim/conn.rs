@@ -37,7 +37,14 @@ impl Listener for SimListener {
         let (stream, addr) = Listener::accept(&mut self.inner).await;
         // Small answers must not wait for Nagle; benchmarks measure latency per batch.
         let _ = stream.set_nodelay(true);
-        (KillableStream { stream, ctl: ConnHandle(Arc::new(AtomicBool::new(false))), lingered: false }, addr)
+        (
+            KillableStream {
+                stream,
+                ctl: ConnHandle(Arc::new(AtomicBool::new(false))),
+                lingered: false,
+            },
+            addr,
+        )
     }
 
     fn local_addr(&self) -> io::Result<Self::Addr> {
@@ -80,14 +87,21 @@ impl KillableStream {
                 let _ = self.stream.set_zero_linger();
                 self.lingered = true;
             }
-            return Err(io::Error::new(io::ErrorKind::ConnectionReset, "flux-sim: connection cut"));
+            return Err(io::Error::new(
+                io::ErrorKind::ConnectionReset,
+                "flux-sim: connection cut",
+            ));
         }
         Ok(())
     }
 }
 
 impl AsyncRead for KillableStream {
-    fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
         this.check()?;
         Pin::new(&mut this.stream).poll_read(cx, buf)
@@ -95,7 +109,11 @@ impl AsyncRead for KillableStream {
 }
 
 impl AsyncWrite for KillableStream {
-    fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
         let this = self.get_mut();
         this.check()?;
         Pin::new(&mut this.stream).poll_write(cx, buf)

@@ -194,7 +194,9 @@ pub struct SimHandle {
 
 /// Starts flux-sim on `listener` inside the current tokio runtime.
 pub async fn start(cfg: SimConfig, listener: TcpListener) -> std::io::Result<SimHandle> {
-    cfg.faults.check().map_err(|m| std::io::Error::new(std::io::ErrorKind::InvalidInput, m))?;
+    cfg.faults
+        .check()
+        .map_err(|m| std::io::Error::new(std::io::ErrorKind::InvalidInput, m))?;
     let addr = listener.local_addr()?;
     let (shutdown, mut shutdown_rx) = watch::channel(false);
     let shared = Arc::new(Shared {
@@ -209,14 +211,21 @@ pub async fn start(cfg: SimConfig, listener: TcpListener) -> std::io::Result<Sim
     });
     let app = server::router(shared.clone()).into_make_service_with_connect_info::<ConnHandle>();
     let task = tokio::spawn(async move {
-        let serve = axum::serve(SimListener::new(listener), app).with_graceful_shutdown(async move {
-            let _ = shutdown_rx.wait_for(|down| *down).await;
-        });
+        let serve =
+            axum::serve(SimListener::new(listener), app).with_graceful_shutdown(async move {
+                let _ = shutdown_rx.wait_for(|down| *down).await;
+            });
         if let Err(e) = serve.await {
             tracing::error!(error = %e, "flux-sim server stopped");
         }
     });
-    Ok(SimHandle { owner: Arc::new(Owner { shared, addr, task: Mutex::new(Some(task)) }) })
+    Ok(SimHandle {
+        owner: Arc::new(Owner {
+            shared,
+            addr,
+            task: Mutex::new(Some(task)),
+        }),
+    })
 }
 
 impl SimHandle {
@@ -261,7 +270,10 @@ impl SimHandle {
     /// Full state: entity id -> properties.
     pub fn entities(&self) -> BTreeMap<String, serde_json::Map<String, serde_json::Value>> {
         let w = lock(&self.shared().world);
-        w.entities.iter().map(|(id, e)| (id.clone(), e.properties.clone())).collect()
+        w.entities
+            .iter()
+            .map(|(id, e)| (id.clone(), e.properties.clone()))
+            .collect()
     }
 
     /// The retained applied events, in application order.

@@ -55,8 +55,8 @@ impl Shared {
     }
 
     fn roll(&self, p: f64) -> bool {
-        // `!(p > 0)` also catches NaN; skipping the lock keeps the fault-free path cheap.
-        if !(p > 0.0) {
+        // NaN counts as 0; skipping the lock keeps the fault-free path cheap.
+        if p.is_nan() || p <= 0.0 {
             false
         } else if p >= 1.0 {
             true
@@ -102,7 +102,10 @@ impl Shared {
         if let Some(ns) = auth.by_name.get(name) {
             return (ns.id.clone(), ns.token.clone());
         }
-        let ns = Namespace { id: self.ids.namespace_id(), token: self.ids.uuid_v4() };
+        let ns = Namespace {
+            id: self.ids.namespace_id(),
+            token: self.ids.uuid_v4(),
+        };
         let out = (ns.id.clone(), ns.token.clone());
         auth.by_name.insert(name.to_owned(), ns);
         out
@@ -115,7 +118,10 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
         .route("/api/events", post(post_event))
         .route("/api/events/batch", post(post_batch))
         .route("/api/state/entities", get(list_entities))
-        .route("/api/state/entities/{id}", get(get_entity).delete(delete_entity))
+        .route(
+            "/api/state/entities/{id}",
+            get(get_entity).delete(delete_entity),
+        )
         .route("/api/namespaces", post(register_namespace))
         .route("/_sim/faults", get(get_faults).put(put_faults))
         .route("/_sim/state", get(sim_state))
@@ -137,7 +143,8 @@ fn json_error(status: StatusCode, msg: impl Into<String>) -> Response {
 
 fn rate_limited() -> Response {
     let mut r = json_error(StatusCode::TOO_MANY_REQUESTS, "rate limit exceeded");
-    r.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("60"));
+    r.headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from_static("60"));
     r
 }
 
@@ -212,7 +219,11 @@ async fn write_faults(s: &Arc<Shared>, conn: &ConnHandle) -> Result<Gate, Respon
         Stats::add(&s.stats.fault_500, 1);
     }
     let lose_answer = s.roll(f.lost_answer_rate);
-    Ok(Gate { fail_all, lose_answer, faults: f })
+    Ok(Gate {
+        fail_all,
+        lose_answer,
+        faults: f,
+    })
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -261,7 +272,8 @@ fn valid_stream(s: &str) -> bool {
         && !s.starts_with('.')
         && !s.ends_with('.')
         && !s.contains("..")
-        && s.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '.')
+        && s.chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '.')
 }
 
 /// Flux's `validate_and_prepare`, in Flux's order, plus the simulated validation fault.
@@ -273,7 +285,10 @@ fn validate(s: &Shared, ev: WireEvent, f: &Faults) -> Result<Checked, (String, S
     } else if ev.payload.is_null() {
         Some("payload is required".to_owned())
     } else if !valid_stream(&ev.stream) {
-        Some(format!("invalid stream format '{}': must be lowercase with optional dots", ev.stream))
+        Some(format!(
+            "invalid stream format '{}': must be lowercase with optional dots",
+            ev.stream
+        ))
     } else if ev.timestamp <= 0 {
         Some(format!("timestamp must be positive, got {}", ev.timestamp))
     } else if !ev.payload.is_object() {
@@ -291,7 +306,13 @@ fn validate(s: &Shared, ev: WireEvent, f: &Faults) -> Result<Checked, (String, S
         _ => s.ids.uuid_v7(),
     };
     Ok(Checked {
-        ev: Prepared { event_id, stream: ev.stream, source: ev.source, timestamp: ev.timestamp, payload: ev.payload },
+        ev: Prepared {
+            event_id,
+            stream: ev.stream,
+            source: ev.source,
+            timestamp: ev.timestamp,
+            payload: ev.payload,
+        },
         key: ev.key,
         schema: ev.schema,
     })
@@ -332,7 +353,13 @@ enum Publish {
     TooLarge,
 }
 
-fn publish_outcome(s: &Shared, c: &Checked, check_size: bool, fail_all: bool, f: &Faults) -> Publish {
+fn publish_outcome(
+    s: &Shared,
+    c: &Checked,
+    check_size: bool,
+    fail_all: bool,
+    f: &Faults,
+) -> Publish {
     if check_size && too_large_for_log(c, s.cfg.event_max_bytes) {
         Publish::TooLarge
     } else if fail_all || s.roll(f.publish_fail_rate) {
@@ -370,8 +397,13 @@ fn validate_namespace_name(name: &str) -> Result<(), NameError> {
     if name.len() > 32 {
         return Err(NameError::TooLong);
     }
-    if let Some(c) = name.chars().find(|c| !(c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '-' || *c == '_')) {
-        return Err(NameError::InvalidCharacters(format!("Invalid character '{c}' (must be [a-z0-9-_])")));
+    if let Some(c) = name
+        .chars()
+        .find(|c| !(c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '-' || *c == '_'))
+    {
+        return Err(NameError::InvalidCharacters(format!(
+            "Invalid character '{c}' (must be [a-z0-9-_])"
+        )));
     }
     Ok(())
 }
@@ -396,13 +428,18 @@ fn parse_entity_id(id: &str) -> Result<Option<&str>, ParseError> {
         [_] => Ok(None),
         [ns, entity] => {
             if ns.is_empty() {
-                return Err(ParseError::InvalidFormat("Namespace part cannot be empty".into()));
+                return Err(ParseError::InvalidFormat(
+                    "Namespace part cannot be empty".into(),
+                ));
             }
             if entity.is_empty() {
-                return Err(ParseError::InvalidFormat("Entity part cannot be empty".into()));
+                return Err(ParseError::InvalidFormat(
+                    "Entity part cannot be empty".into(),
+                ));
             }
-            validate_namespace_name(ns)
-                .map_err(|e| ParseError::InvalidNamespace(format!("Invalid namespace '{ns}': {e:?}")))?;
+            validate_namespace_name(ns).map_err(|e| {
+                ParseError::InvalidNamespace(format!("Invalid namespace '{ns}': {e:?}"))
+            })?;
             Ok(Some(ns))
         }
         _ => Err(ParseError::InvalidFormat(format!(
@@ -412,9 +449,15 @@ fn parse_entity_id(id: &str) -> Result<Option<&str>, ParseError> {
 }
 
 fn bearer_token(headers: &HeaderMap) -> Result<String, &'static str> {
-    let v = headers.get(header::AUTHORIZATION).ok_or("Authorization token not provided")?;
-    let v = v.to_str().map_err(|_| "Invalid authorization token format")?;
-    let (scheme, token) = v.split_once(' ').ok_or("Invalid authorization token format")?;
+    let v = headers
+        .get(header::AUTHORIZATION)
+        .ok_or("Authorization token not provided")?;
+    let v = v
+        .to_str()
+        .map_err(|_| "Invalid authorization token format")?;
+    let (scheme, token) = v
+        .split_once(' ')
+        .ok_or("Invalid authorization token format")?;
     if scheme.to_lowercase() != "bearer" {
         return Err("Invalid authorization token format");
     }
@@ -448,9 +491,9 @@ impl AuthError {
     fn single_response(self) -> Response {
         match self {
             AuthError::Forbidden(m) => json_error(StatusCode::FORBIDDEN, m),
-            AuthError::InvalidToken(m) | AuthError::InvalidEntityId(m) | AuthError::NamespaceNotFound(m) => {
-                json_error(StatusCode::UNAUTHORIZED, m)
-            }
+            AuthError::InvalidToken(m)
+            | AuthError::InvalidEntityId(m)
+            | AuthError::NamespaceNotFound(m) => json_error(StatusCode::UNAUTHORIZED, m),
         }
     }
 }
@@ -464,7 +507,9 @@ fn authorize(s: &Shared, headers: &HeaderMap, ev: &Prepared) -> Result<String, A
         .and_then(Value::as_str)
         .ok_or_else(|| AuthError::InvalidEntityId("Missing 'entity_id' field in payload".into()))?;
     let ns = parse_entity_id(id)
-        .map_err(|e| AuthError::InvalidEntityId(format!("Failed to parse entity_id '{id}': {e:?}")))?
+        .map_err(|e| {
+            AuthError::InvalidEntityId(format!("Failed to parse entity_id '{id}': {e:?}"))
+        })?
         .ok_or_else(|| {
             AuthError::InvalidEntityId(format!(
                 "Entity ID '{id}' missing namespace prefix (expected 'namespace/entity' format)"
@@ -475,15 +520,19 @@ fn authorize(s: &Shared, headers: &HeaderMap, ev: &Prepared) -> Result<String, A
         None => Err(AuthError::NamespaceNotFound(format!(
             "Namespace '{ns}' not found. Get a namespace at flux-universe.com"
         ))),
-        Some(n) if n.token != token => {
-            Err(AuthError::Forbidden(format!("Token does not have permission to write to namespace '{ns}'")))
-        }
+        Some(n) if n.token != token => Err(AuthError::Forbidden(format!(
+            "Token does not have permission to write to namespace '{ns}'"
+        ))),
         Some(_) => Ok(ns.to_owned()),
     }
 }
 
 fn take_rate_token(s: &Shared, key: &str) -> bool {
-    lock(&s.auth).take_token(key, s.cfg.rate_limit_bucket, s.cfg.rate_limit_refill_per_min)
+    lock(&s.auth).take_token(
+        key,
+        s.cfg.rate_limit_bucket,
+        s.cfg.rate_limit_refill_per_min,
+    )
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -538,7 +587,10 @@ async fn post_event(
     let check_size = body.len() > s.cfg.event_max_bytes / 2;
     match publish_outcome(&s, &checked, check_size, gate.fail_all, &gate.faults) {
         Publish::Ok => {
-            let answer = serde_json::to_vec(&EventAnswer { event_id: &checked.ev.event_id, stream: &checked.ev.stream });
+            let answer = serde_json::to_vec(&EventAnswer {
+                event_id: &checked.ev.event_id,
+                stream: &checked.ev.stream,
+            });
             s.apply_now(&mut vec![checked.ev]);
             if gate.lose_answer {
                 Stats::add(&s.stats.fault_lost_answer, 1);
@@ -603,7 +655,10 @@ async fn post_batch(
         Err(e) => return json_error(StatusCode::BAD_REQUEST, e.to_string()),
     };
     if req.events.is_empty() {
-        return json_error(StatusCode::BAD_REQUEST, "Batch request must contain at least one event");
+        return json_error(
+            StatusCode::BAD_REQUEST,
+            "Batch request must contain at least one event",
+        );
     }
     let f = gate.faults;
     Stats::add(&s.stats.events_received, req.events.len() as u64);
@@ -690,7 +745,12 @@ async fn post_batch(
         Stats::add(&s.stats.fault_lost_answer, 1);
         return cut(&conn);
     }
-    Json(BatchAnswer { successful: ok, failed, results }).into_response()
+    Json(BatchAnswer {
+        successful: ok,
+        failed,
+        results,
+    })
+    .into_response()
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -718,7 +778,11 @@ async fn list_entities(State(s): State<Arc<Shared>>, Query(q): Query<ListQuery>)
         w.entities
             .values()
             .filter(|e| q.prefix.as_deref().map_or(true, |p| e.id.starts_with(p)))
-            .filter(|e| q.namespace.as_deref().map_or(true, |n| e.id.split_once('/').is_some_and(|(ns, _)| ns == n)))
+            .filter(|e| {
+                q.namespace.as_deref().map_or(true, |n| {
+                    e.id.split_once('/').is_some_and(|(ns, _)| ns == n)
+                })
+            })
             .cloned()
             .collect()
     };
@@ -726,14 +790,22 @@ async fn list_entities(State(s): State<Arc<Shared>>, Query(q): Query<ListQuery>)
 }
 
 /// Flux publishes a tombstone event for DELETE; authorization texts differ from event writes.
-async fn delete_entity(State(s): State<Arc<Shared>>, headers: HeaderMap, Path(id): Path<String>) -> Response {
+async fn delete_entity(
+    State(s): State<Arc<Shared>>,
+    headers: HeaderMap,
+    Path(id): Path<String>,
+) -> Response {
     if s.cfg.public {
         let token = match headers.get(header::AUTHORIZATION).map(|v| v.to_str()) {
             None => return json_error(StatusCode::UNAUTHORIZED, "Missing Authorization header"),
-            Some(Err(_)) => return json_error(StatusCode::UNAUTHORIZED, "Invalid Authorization header"),
+            Some(Err(_)) => {
+                return json_error(StatusCode::UNAUTHORIZED, "Invalid Authorization header")
+            }
             Some(Ok(v)) => match v.strip_prefix("Bearer ") {
                 Some(t) => t.to_owned(),
-                None => return json_error(StatusCode::UNAUTHORIZED, "Invalid Authorization format"),
+                None => {
+                    return json_error(StatusCode::UNAUTHORIZED, "Invalid Authorization format")
+                }
             },
         };
         let ns = match parse_entity_id(&id) {
@@ -741,7 +813,10 @@ async fn delete_entity(State(s): State<Arc<Shared>>, headers: HeaderMap, Path(id
             Ok(None) => return json_error(StatusCode::UNAUTHORIZED, "Entity has no namespace"),
             Ok(Some(ns)) => ns.to_owned(),
         };
-        let owns = lock(&s.auth).by_name.get(&ns).is_some_and(|n| n.token == token);
+        let owns = lock(&s.auth)
+            .by_name
+            .get(&ns)
+            .is_some_and(|n| n.token == token);
         if !owns {
             return json_error(StatusCode::FORBIDDEN, "Token does not own namespace");
         }
@@ -786,11 +861,16 @@ async fn register_namespace(
     Json(req): Json<RegisterRequest>,
 ) -> Response {
     if !s.cfg.public {
-        return json_error(StatusCode::NOT_FOUND, "Namespace registration not available (auth disabled)");
+        return json_error(
+            StatusCode::NOT_FOUND,
+            "Namespace registration not available (auth disabled)",
+        );
     }
     if let Some(expected) = &s.cfg.admin_token {
-        let provided =
-            headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+        let provided = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
         if provided != Some(expected.as_str()) {
             return json_error(StatusCode::UNAUTHORIZED, "Admin token required");
         }
@@ -823,7 +903,10 @@ async fn put_faults(State(s): State<Arc<Shared>>, Json(f): Json<Faults>) -> Resp
 async fn sim_state(State(s): State<Arc<Shared>>) -> Response {
     let all: BTreeMap<String, Value> = {
         let w = lock(&s.world);
-        w.entities.iter().map(|(id, e)| (id.clone(), e.to_json())).collect()
+        w.entities
+            .iter()
+            .map(|(id, e)| (id.clone(), e.to_json()))
+            .collect()
     };
     Json(all).into_response()
 }

@@ -35,7 +35,10 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
 }
 
 pub fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 fn splitmix64(mut x: u64) -> u64 {
@@ -54,7 +57,10 @@ pub struct IdGen {
 
 impl IdGen {
     pub fn new(seed: u64) -> Self {
-        IdGen { seed: splitmix64(seed), counter: AtomicU64::new(0) }
+        IdGen {
+            seed: splitmix64(seed),
+            counter: AtomicU64::new(0),
+        }
     }
 
     fn next_bits(&self) -> (u64, u64) {
@@ -97,7 +103,11 @@ impl IdGen {
         for _ in 0..8 {
             let d = (a % 36) as u8;
             a /= 36;
-            s.push(if d < 10 { (b'0' + d) as char } else { (b'a' + d - 10) as char });
+            s.push(if d < 10 {
+                (b'0' + d) as char
+            } else {
+                (b'a' + d - 10) as char
+            });
         }
         s
     }
@@ -112,7 +122,10 @@ mod tests {
     fn rfc3339_known_values() {
         let t = UNIX_EPOCH + Duration::new(1_796_323_971, 963_549_616);
         assert_eq!(rfc3339_nanos(t), "2026-12-03T18:52:51.963549616+00:00");
-        assert_eq!(rfc3339_nanos(UNIX_EPOCH), "1970-01-01T00:00:00.000000000+00:00");
+        assert_eq!(
+            rfc3339_nanos(UNIX_EPOCH),
+            "1970-01-01T00:00:00.000000000+00:00"
+        );
         let leap = UNIX_EPOCH + Duration::from_secs(951_782_400); // 2000-02-29
         assert!(rfc3339_nanos(leap).starts_with("2000-02-29T00:00:00"));
     }

@@ -28,7 +28,10 @@ impl Entity {
         let mut m = Map::new();
         m.insert("id".into(), Value::String(self.id.clone()));
         m.insert("properties".into(), Value::Object(self.properties.clone()));
-        m.insert("lastUpdated".into(), Value::String(self.last_updated_rfc3339()));
+        m.insert(
+            "lastUpdated".into(),
+            Value::String(self.last_updated_rfc3339()),
+        );
         Value::Object(m)
     }
 }
@@ -70,14 +73,31 @@ pub(crate) struct World {
 
 impl World {
     pub fn new(log_capacity: usize) -> Self {
-        World { entities: HashMap::new(), log: VecDeque::new(), log_capacity, applied: 0 }
+        World {
+            entities: HashMap::new(),
+            log: VecDeque::new(),
+            log_capacity,
+            applied: 0,
+        }
     }
 
     /// Folds one event into state exactly like Flux's `process_event`.
     pub fn apply(&mut self, ev: Prepared, late: bool, now: SystemTime) {
-        let Prepared { event_id, stream, source, timestamp, mut payload } = ev;
-        let entity_id = payload.get("entity_id").and_then(Value::as_str).map(str::to_owned);
-        let properties = payload.get_mut("properties").map(Value::take).unwrap_or(Value::Null);
+        let Prepared {
+            event_id,
+            stream,
+            source,
+            timestamp,
+            mut payload,
+        } = ev;
+        let entity_id = payload
+            .get("entity_id")
+            .and_then(Value::as_str)
+            .map(str::to_owned);
+        let properties = payload
+            .get_mut("properties")
+            .map(Value::take)
+            .unwrap_or(Value::Null);
         if let (Some(id), Some(props)) = (&entity_id, properties.as_object()) {
             if props.get(crate::model::DELETE_PROPERTY) == Some(&Value::Bool(true)) {
                 self.entities.remove(id);
@@ -100,7 +120,16 @@ impl World {
             if self.log.len() >= self.log_capacity {
                 self.log.pop_front();
             }
-            self.log.push_back(AppliedEvent { index, event_id, stream, source, timestamp, entity_id, properties, late });
+            self.log.push_back(AppliedEvent {
+                index,
+                event_id,
+                stream,
+                source,
+                timestamp,
+                entity_id,
+                properties,
+                late,
+            });
         }
     }
 
@@ -130,7 +159,10 @@ pub(crate) struct Bucket {
 
 impl Auth {
     pub fn new() -> Self {
-        Auth { by_name: HashMap::new(), buckets: HashMap::new() }
+        Auth {
+            by_name: HashMap::new(),
+            buckets: HashMap::new(),
+        }
     }
 
     /// Flux's token bucket: starts full, refills continuously, one token per event.
@@ -139,7 +171,10 @@ impl Auth {
         let b = self
             .buckets
             .entry(key.to_owned())
-            .or_insert_with(|| Bucket { tokens: capacity as f64, last: now });
+            .or_insert_with(|| Bucket {
+                tokens: capacity as f64,
+                last: now,
+            });
         let elapsed = now.duration_since(b.last).as_secs_f64();
         b.tokens = (b.tokens + elapsed * refill_per_min as f64 / 60.0).min(capacity as f64);
         b.last = now;

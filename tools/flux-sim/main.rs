@@ -8,7 +8,10 @@ use clap::Parser;
 use flux_outbox::sim::{self, Faults, SimConfig};
 
 #[derive(Parser, Debug)]
-#[command(name = "flux-sim", about = "Flux-compatible HTTP server with fault injection")]
+#[command(
+    name = "flux-sim",
+    about = "Flux-compatible HTTP server with fault injection"
+)]
 struct Args {
     /// Address to listen on (port 0 picks a free port; the chosen address is printed).
     #[arg(long, default_value = "127.0.0.1:0")]
@@ -69,7 +72,9 @@ async fn main() {
 }
 
 async fn run(a: Args) -> Result<(), Box<dyn std::error::Error>> {
-    tracing_subscriber::fmt().with_writer(std::io::stderr).init();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .init();
     let faults = Faults {
         error_500_rate: a.error_500_rate,
         rate_429_rate: a.rate_429_rate,

@@ -35,7 +35,7 @@ struct Args {
     #[arg(long, default_value_t = 10_000)]
     rate_limit_refill_per_min: u64,
     /// Applied events kept for /_sim/log.
-    #[arg(long, default_value_t = 1_000_000)]
+    #[arg(long, default_value_t = 250_000)]
     log_capacity: usize,
     #[arg(long, default_value_t = 0.0)]
     error_500_rate: f64,

@@ -146,7 +146,8 @@ pub struct SimConfig {
     pub batch_body_max: usize,
     /// Largest event the simulated log accepts, serialized with its eventId (NATS: 1 MiB).
     pub event_max_bytes: usize,
-    /// Applied events kept for [`SimHandle::applied_log`]; 0 keeps none.
+    /// Applied events kept for [`SimHandle::applied_log`] (default 250,000, a few hundred bytes
+    /// each); older ones are dropped. 0 keeps none: use it for long benchmarks.
     pub log_capacity: usize,
     /// Seed for fault draws and generated ids.
     pub seed: u64,
@@ -165,7 +166,7 @@ impl Default for SimConfig {
             single_body_max: 1024 * 1024,
             batch_body_max: 10 * 1024 * 1024,
             event_max_bytes: 1024 * 1024,
-            log_capacity: 1_000_000,
+            log_capacity: 250_000,
             seed: 0,
             faults: Faults::default(),
         }

@@ -55,8 +55,8 @@ impl Shared {
     }
 
     fn roll(&self, p: f64) -> bool {
-        // `!(p > 0)` also catches NaN; skipping the lock keeps the fault-free path cheap.
-        if !(p > 0.0) {
+        // NaN counts as 0; skipping the lock keeps the fault-free path cheap.
+        if p.is_nan() || p <= 0.0 {
             false
         } else if p >= 1.0 {
             true

@@ -22,7 +22,7 @@ struct Args {
     /// Admin token for POST /api/namespaces (public mode).
     #[arg(long)]
     admin_token: Option<String>,
-    /// Namespaces to create at start (public mode); their tokens are printed as `token NAME TOKEN`.
+    /// Namespaces to create at start (public mode); their tokens go to stderr as `token NAME TOKEN`.
     #[arg(long = "namespace")]
     namespaces: Vec<String>,
     /// Seed for fault draws and ids.
@@ -35,7 +35,7 @@ struct Args {
     #[arg(long, default_value_t = 10_000)]
     rate_limit_refill_per_min: u64,
     /// Applied events kept for /_sim/log.
-    #[arg(long, default_value_t = 1_000_000)]
+    #[arg(long, default_value_t = 250_000)]
     log_capacity: usize,
     #[arg(long, default_value_t = 0.0)]
     error_500_rate: f64,
@@ -104,12 +104,12 @@ async fn run(a: Args) -> Result<(), Box<dyn std::error::Error>> {
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", a.listen))?;
     let handle = sim::start(cfg, listener).await?;
+    for ns in &a.namespaces {
+        eprintln!("token {ns} {}", handle.register_namespace(ns));
+    }
     {
+        // Scripts wait for this one stdout line; flush so a pipe sees it at once.
         let mut out = std::io::stdout().lock();
-        for ns in &a.namespaces {
-            writeln!(out, "token {ns} {}", handle.register_namespace(ns))?;
-        }
-        // Scripts wait for this exact line; flush so a pipe sees it at once.
         writeln!(out, "flux-sim listening on {}", handle.url())?;
         out.flush()?;
     }

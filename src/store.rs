@@ -75,7 +75,8 @@ pub enum Durability {
 pub struct StoreOptions {
     pub durability: Durability,
     pub cache_bytes: u64,
-    /// New keys are refused (existing keys still accepted) at or above this many pending keys.
+    /// New keys are refused (updates of pending keys and deletes still accepted) when accepting
+    /// them would take pending + uncompacted log keys above this.
     pub pending_keys_max: u64,
     /// New keys are refused (existing keys still accepted) at or above this many bytes on disk.
     pub disk_bytes_max: u64,
@@ -744,8 +745,11 @@ impl Store {
     fn admit(&self, updates: &[Update], extra_keys: u64) -> Result<(), StoreError> {
         let pending = lock(&self.inner.state).counters.pending_keys;
         let keys = pending + self.inner.log_keys.load(Ordering::Relaxed) + extra_keys;
+        // Count the request's own keys: checking only the keys already there let one request
+        // just under the limit add any number of new keys (up to 10,000 per update).
+        let req_keys: u64 = updates.iter().map(|u| u.key_count() as u64).sum();
         let disk = self.inner.disk_bytes.load(Ordering::Relaxed);
-        let full = if keys >= self.inner.opts.pending_keys_max {
+        let full = if keys + req_keys > self.inner.opts.pending_keys_max {
             Some(format!(
                 "{keys} pending keys (limit {})",
                 self.inner.opts.pending_keys_max

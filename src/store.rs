@@ -1985,10 +1985,16 @@ pub fn verify_tree(db: &sled::Db, counters: &Counters, next_seq: u64) -> VerifyR
 fn salvage_into(aside: &Path, db: &sled::Db) -> u64 {
     let old = match sled::Config::new().path(aside).open() {
         Ok(old) => old,
-        Err(e) => {
-            tracing::error!(error = %e, "moved-aside store cannot be read: nothing salvaged");
-            return 0;
-        }
+        Err(e) => match open_without_conf(aside) {
+            // A damaged `conf` file alone makes sled refuse a store whose data is intact; the
+            // settings it records are sled's defaults, which we never change. Reading a copy
+            // without it recovers everything and leaves the moved-aside store as it was found.
+            Some(old) => old,
+            None => {
+                tracing::error!(error = %e, "moved-aside store cannot be read: nothing salvaged");
+                return 0;
+            }
+        },
     };
     let mut copied = 0;
     for item in old.iter() {
@@ -2002,5 +2008,46 @@ fn salvage_into(aside: &Path, db: &sled::Db) -> u64 {
         }
     }
     let _ = db.flush();
+    drop(old);
+    let scratch = salvage_scratch(aside);
+    if scratch.exists() {
+        let _ = std::fs::remove_dir_all(&scratch);
+    }
     copied
+}
+
+fn salvage_scratch(aside: &Path) -> PathBuf {
+    let mut name = aside.as_os_str().to_owned();
+    name.push(".salvage");
+    PathBuf::from(name)
+}
+
+/// Opens a copy of `aside` without its `conf` file (sled writes a fresh one with its defaults).
+fn open_without_conf(aside: &Path) -> Option<sled::Db> {
+    let scratch = salvage_scratch(aside);
+    let _ = std::fs::remove_dir_all(&scratch);
+    copy_dir(aside, &scratch).ok()?;
+    let _ = std::fs::remove_file(scratch.join("conf"));
+    match sled::Config::new().path(&scratch).open() {
+        Ok(db) => Some(db),
+        Err(e) => {
+            tracing::error!(error = %e, "moved-aside store unreadable even without its conf file");
+            let _ = std::fs::remove_dir_all(&scratch);
+            None
+        }
+    }
+}
+
+fn copy_dir(from: &Path, to: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(to)?;
+    for e in std::fs::read_dir(from)? {
+        let e = e?;
+        let target = to.join(e.file_name());
+        if e.file_type()?.is_dir() {
+            copy_dir(&e.path(), &target)?;
+        } else {
+            std::fs::copy(e.path(), target)?;
+        }
+    }
+    Ok(())
 }

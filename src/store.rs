@@ -29,7 +29,7 @@
 //! | `D`    | keyenc                      | [`DeliveredRecord`]: last delivered version and value hash |
 //! | `T`    | entity                      | [`TombstoneRecord`]: newest delete version of the entity |
 //! | `Q`    | keyenc                      | [`QuarantineRecord`]: rejected for good, with the reason |
-//! | `X`    | original key                | raw bytes of a record set aside as corrupt |
+//! | `X`    | ordinal u64 BE + original key | raw bytes of a record set aside as corrupt |
 //!
 //! `keyenc(e, p)` = entity length (u32 BE) + entity bytes + property bytes: unambiguous for any
 //! strings, and all keys of one entity share the prefix `len + entity`.
@@ -1945,6 +1945,14 @@ pub fn verify_tree(db: &sled::Db, counters: &Counters, next_seq: u64) -> VerifyR
         if stored != actual {
             problems.push(format!(
                 "entity {entity:?}: count says {stored} pending keys, found {actual}"
+            ));
+        }
+    }
+    // The other direction: an entity with pending keys but no count record.
+    for entity in entity_counts.keys() {
+        if !db.contains_key(simple_key(b'E', entity)).unwrap_or(false) {
+            problems.push(format!(
+                "entity {entity:?} has pending keys but no count record"
             ));
         }
     }

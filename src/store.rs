@@ -29,7 +29,7 @@
 //! | `D`    | keyenc                      | [`DeliveredRecord`]: last delivered version and value hash |
 //! | `T`    | entity                      | [`TombstoneRecord`]: newest delete version of the entity |
 //! | `Q`    | keyenc                      | [`QuarantineRecord`]: rejected for good, with the reason |
-//! | `X`    | original key                | raw bytes of a record set aside as corrupt |
+//! | `X`    | ordinal u64 BE + original key | raw bytes of a record set aside as corrupt |
 //!
 //! `keyenc(e, p)` = entity length (u32 BE) + entity bytes + property bytes: unambiguous for any
 //! strings, and all keys of one entity share the prefix `len + entity`.
@@ -75,7 +75,8 @@ pub enum Durability {
 pub struct StoreOptions {
     pub durability: Durability,
     pub cache_bytes: u64,
-    /// New keys are refused (existing keys still accepted) at or above this many pending keys.
+    /// New keys are refused (updates of pending keys and deletes still accepted) when accepting
+    /// them would take pending + uncompacted log keys above this.
     pub pending_keys_max: u64,
     /// New keys are refused (existing keys still accepted) at or above this many bytes on disk.
     pub disk_bytes_max: u64,
@@ -358,6 +359,13 @@ fn index_key(first_seq: u64, key: &PropKey) -> Vec<u8> {
     k
 }
 
+/// Key of a record set aside as corrupt: `X` + ordinal (u64 BE) + the original key.
+fn corrupt_key(ordinal: u64, original: &[u8]) -> Vec<u8> {
+    let mut k = seq_key(b'X', ordinal);
+    k.extend_from_slice(original);
+    k
+}
+
 fn simple_key(prefix: u8, name: &str) -> Vec<u8> {
     let mut k = Vec::with_capacity(1 + name.len());
     k.push(prefix);
@@ -449,13 +457,18 @@ impl<'a> Txn<'a> {
         Ok(keys.into_iter().collect())
     }
 
-    fn commit(self, counters: &Counters) -> Result<u64, StoreError> {
+    /// Applies the overlay, the set-aside records and `counters` (updated with the set-aside
+    /// count) in one atomic batch. `counters` is the caller's copy: it holds the stored values
+    /// afterwards, so the in-memory counters can never differ from what was written.
+    fn commit(self, counters: &mut Counters) -> Result<(), StoreError> {
         let mut batch = sled::Batch::default();
-        let corrupt_count = self.corrupt.len() as u64;
+        let mut next = counters.clone();
         for (k, v) in self.corrupt {
-            let mut xk = vec![b'X'];
-            xk.extend_from_slice(&k);
-            batch.insert(xk, v);
+            // The ordinal makes every set-aside key unique: the same key can go bad twice
+            // (e.g. a rewritten pending value), and `X` + key alone would overwrite the first
+            // copy, losing it and leaving `corrupt_set_aside` larger than the area.
+            batch.insert(corrupt_key(next.corrupt_set_aside, &k), v);
+            next.corrupt_set_aside += 1;
         }
         for (k, v) in self.writes {
             match v {
@@ -463,11 +476,10 @@ impl<'a> Txn<'a> {
                 None => batch.remove(k),
             }
         }
-        let mut counters = counters.clone();
-        counters.corrupt_set_aside += corrupt_count;
-        batch.insert(META_COUNTERS, record::encode(&counters));
+        batch.insert(META_COUNTERS, record::encode(&next));
         self.tree.apply_batch(batch).map_err(StoreError::storage)?;
-        Ok(corrupt_count)
+        *counters = next;
+        Ok(())
     }
 }
 
@@ -606,7 +618,19 @@ impl Store {
             .and_then(|k| k.ok())
             .and_then(|k| u64_of(&k[1..]));
         let next_seq = stored_next.max(last_log.map(|s| s + 1).unwrap_or(1)).max(1);
-        let log_keys = db.scan_prefix(b"L").count() as u64; // Bounded by the uncompacted tail only.
+        // Keys (not records) in the uncompacted tail, the unit ingest and compaction count in:
+        // counting records here under-counted multi-property updates after every restart and
+        // let a burst of new keys overshoot `pending_keys_max`. Bounded by the log tail only.
+        let log_keys: u64 = db
+            .scan_prefix(b"L")
+            .values()
+            .map(|v| {
+                v.ok()
+                    .and_then(|v| record::decode::<LogRecord>(&v).ok())
+                    .map(|r| if r.delete { 1 } else { r.props.len() as u64 })
+                    .unwrap_or(1)
+            })
+            .sum();
         let db_file = File::open(path.join("db")).ok();
         let inner = Arc::new(Inner {
             dir: path.clone(),
@@ -721,8 +745,11 @@ impl Store {
     fn admit(&self, updates: &[Update], extra_keys: u64) -> Result<(), StoreError> {
         let pending = lock(&self.inner.state).counters.pending_keys;
         let keys = pending + self.inner.log_keys.load(Ordering::Relaxed) + extra_keys;
+        // Count the request's own keys: checking only the keys already there let one request
+        // just under the limit add any number of new keys (up to 10,000 per update).
+        let req_keys: u64 = updates.iter().map(|u| u.key_count() as u64).sum();
         let disk = self.inner.disk_bytes.load(Ordering::Relaxed);
-        let full = if keys >= self.inner.opts.pending_keys_max {
+        let full = if keys + req_keys > self.inner.opts.pending_keys_max {
             Some(format!(
                 "{keys} pending keys (limit {})",
                 self.inner.opts.pending_keys_max
@@ -885,6 +912,8 @@ impl Store {
                 Err(e) => {
                     tracing::error!(seq, error = %e, "corrupt log record set aside");
                     txn.corrupt.push((k.to_vec(), v.to_vec()));
+                    // Its key count is unreadable; it held at least one (open counts it as one).
+                    keys_folded += 1;
                     continue;
                 }
             };
@@ -922,8 +951,7 @@ impl Store {
             return Ok(0);
         }
         counters.compacted_records += folded as u64;
-        let corrupt = txn.commit(&counters)?;
-        counters.corrupt_set_aside += corrupt;
+        txn.commit(&mut counters)?;
         state.counters = counters;
         drop(state);
         let _ = self
@@ -1077,15 +1105,18 @@ impl Store {
         for s in &settlements {
             entities.insert(s.key.entity.clone());
             let pk = keyenc(b'P', &s.key.entity, &s.key.property);
-            let current: Option<PendingRecord> = txn.get(&pk)?;
+            let current = get_pending(&mut txn, &mut counters, &s.key)?;
+            // When `same`, the record removed is the stored one: its index entry is at the
+            // stored first_seq, which a requeue may have changed since `sent` was read.
             let same = current
                 .as_ref()
-                .is_some_and(|c| c.version() == s.sent.version());
+                .filter(|c| c.version() == s.sent.version())
+                .cloned();
             match &s.outcome {
                 Outcome::Delivered { value_hash } => {
                     counters.delivered += 1;
-                    if same {
-                        remove_pending(&mut txn, &mut counters, &s.key, &s.sent)?;
+                    if let Some(c) = &same {
+                        remove_pending(&mut txn, &mut counters, &s.key, c)?;
                     }
                     let dk = keyenc(b'D', &s.key.entity, &s.key.property);
                     let old: Option<DeliveredRecord> = txn.get(&dk)?;
@@ -1115,14 +1146,23 @@ impl Store {
                     reason,
                     http_status,
                 } => {
-                    if same {
-                        remove_pending(&mut txn, &mut counters, &s.key, &s.sent)?;
+                    if let Some(c) = &same {
+                        remove_pending(&mut txn, &mut counters, &s.key, c)?;
                     }
                     let qk = keyenc(b'Q', &s.key.entity, &s.key.property);
-                    if txn.get::<QuarantineRecord>(&qk)?.is_none() {
-                        counters.quarantine_keys += 1;
-                    }
                     counters.quarantined_total += 1;
+                    match get_quarantine(&mut txn, &mut counters, &qk)? {
+                        None => counters.quarantine_keys += 1,
+                        Some(old) => {
+                            // One quarantined value per key: the older one is a discard and is
+                            // counted. Never let an older rejected value replace a newer one
+                            // (a requeue would otherwise resend the older value).
+                            counters.superseded += 1;
+                            if old.pending.version() >= s.sent.version() {
+                                continue;
+                            }
+                        }
+                    }
                     let mut sent = s.sent.clone();
                     sent.last_error = Some(reason.clone());
                     txn.put(
@@ -1144,8 +1184,7 @@ impl Store {
                 }
             }
         }
-        let corrupt = txn.commit(&counters)?;
-        counters.corrupt_set_aside += corrupt;
+        txn.commit(&mut counters)?;
         state.counters = counters;
         for e in entities {
             state.in_flight.remove(&e);
@@ -1176,7 +1215,7 @@ impl Store {
             if entity_prefix.is_some_and(|p| !key.entity.starts_with(p)) {
                 continue;
             }
-            let Some(q) = txn.get::<QuarantineRecord>(&qk)? else {
+            let Some(q) = get_quarantine(&mut txn, &mut counters, &qk)? else {
                 continue;
             };
             txn.remove(qk);
@@ -1198,21 +1237,29 @@ impl Store {
                     source: p.source,
                     arrived_ms: p.pending_since_ms,
                 };
-                fold_delete_requeue(
-                    &mut txn,
-                    &mut counters,
-                    &rec,
-                    Version {
-                        ts_ms: p.ts_ms,
-                        seq: p.seq,
-                    },
-                )?;
+                let v = Version {
+                    ts_ms: p.ts_ms,
+                    seq: p.seq,
+                };
+                // The same rules as new updates: this delete was the entity's newest when it
+                // was quarantined; if a newer delete came since (pending or delivered), or this
+                // one was delivered after all, resending it would make Flux apply an old delete
+                // after newer values (Flux applies in arrival order) and wipe them.
+                let tomb: Option<TombstoneRecord> = txn.get(&simple_key(b'T', &key.entity))?;
+                let delivered: Option<DeliveredRecord> =
+                    txn.get(&keyenc(b'D', &key.entity, &key.property))?;
+                if tomb.is_some_and(|t| v < t.version())
+                    || delivered.is_some_and(|d| v <= d.version())
+                {
+                    counters.late_dropped += 1;
+                    continue;
+                }
+                fold_delete_requeue(&mut txn, &mut counters, &rec, v)?;
             } else {
                 fold_set(&mut txn, &mut counters, &key, p)?;
             }
         }
-        let corrupt = txn.commit(&counters)?;
-        counters.corrupt_set_aside += corrupt;
+        txn.commit(&mut counters)?;
         state.counters = counters;
         drop(state);
         self.sync_durable().map_err(StoreError::storage)?;
@@ -1225,15 +1272,22 @@ impl Store {
         keys: Vec<Vec<u8>>,
     ) -> Result<(), StoreError> {
         let mut txn = Txn::new(&self.inner.db);
+        let mut counters = state.counters.clone();
         for k in keys {
+            // A pending record is set aside with its index entry, entity count and counter,
+            // so the counters keep agreeing with the contents and no stale index entry is left.
+            if k.first() == Some(&b'P') {
+                if let Some(key) = keydec(&k[1..]) {
+                    get_pending(&mut txn, &mut counters, &key)?;
+                    continue;
+                }
+            }
             if let Some(v) = txn.get_raw(&k)? {
                 txn.corrupt.push((k.clone(), v));
                 txn.remove(k);
             }
         }
-        let mut counters = state.counters.clone();
-        let corrupt = txn.commit(&counters)?;
-        counters.corrupt_set_aside += corrupt;
+        txn.commit(&mut counters)?;
         state.counters = counters;
         Ok(())
     }
@@ -1510,11 +1564,28 @@ fn entity_count_add(
     delta: i64,
 ) -> Result<(), StoreError> {
     let ek = simple_key(b'E', entity);
-    let n = txn.get_raw(&ek)?.and_then(|v| u64_of(&v)).unwrap_or(0);
-    let m = if delta < 0 {
-        n.saturating_sub(delta.unsigned_abs())
-    } else {
-        n + delta as u64
+    let raw = txn.get_raw(&ek)?;
+    let (n, m) = match raw.as_deref().map(u64_of) {
+        None => (0, delta.max(0) as u64),
+        Some(Some(n)) => (
+            n,
+            if delta < 0 {
+                n.saturating_sub(delta.unsigned_abs())
+            } else {
+                n + delta as u64
+            },
+        ),
+        Some(None) => {
+            // A malformed count (it has no checksum) must not turn into 0: the entity would be
+            // counted in `pending_entities` a second time. Callers apply `delta` to P first, so
+            // the entity's pending keys as the transaction sees them are the new count. The
+            // entity was counted when its record was created.
+            let bytes = raw.unwrap_or_default();
+            tracing::error!(entity, "malformed entity count set aside; recounted");
+            txn.corrupt.push((ek.clone(), bytes));
+            let m = txn.keys_with_prefix(&entity_prefix(b'P', entity))?.len() as u64;
+            (1, m)
+        }
     };
     if m == 0 {
         if n != 0 {
@@ -1528,6 +1599,55 @@ fn entity_count_add(
         txn.put_raw(ek, m.to_be_bytes().to_vec());
     }
     Ok(())
+}
+
+/// Reads a key's pending record. A corrupt one is set aside together with everything that
+/// describes it (index entry, entity count, `pending_keys`): otherwise the index would keep a
+/// stale entry and the counters would count a key that no longer exists, and a new value for
+/// the key would be counted twice.
+fn get_pending(
+    txn: &mut Txn<'_>,
+    counters: &mut Counters,
+    key: &PropKey,
+) -> Result<Option<PendingRecord>, StoreError> {
+    let pk = keyenc(b'P', &key.entity, &key.property);
+    let Some(bytes) = txn.get_raw(&pk)? else {
+        return Ok(None);
+    };
+    match record::decode::<PendingRecord>(&bytes) {
+        Ok(p) => Ok(Some(p)),
+        Err(e) => {
+            tracing::error!(entity = %key.entity, property = %key.property, error = %e,
+                "corrupt pending record set aside");
+            txn.corrupt.push((pk.clone(), bytes));
+            txn.remove(pk);
+            // Its first_seq is unreadable: find the index entry by key. Corruption is rare,
+            // so a scan of the index is acceptable here.
+            let rest = &keyenc(b'I', &key.entity, &key.property)[1..];
+            for ik in txn.keys_with_prefix(b"I")? {
+                if ik.get(9..) == Some(rest) {
+                    txn.remove(ik);
+                }
+            }
+            counters.pending_keys = counters.pending_keys.saturating_sub(1);
+            entity_count_add(txn, counters, &key.entity, -1)?;
+            Ok(None)
+        }
+    }
+}
+
+/// Reads a quarantine record; a corrupt one is set aside and uncounted from `quarantine_keys`.
+fn get_quarantine(
+    txn: &mut Txn<'_>,
+    counters: &mut Counters,
+    qk: &[u8],
+) -> Result<Option<QuarantineRecord>, StoreError> {
+    let existed = txn.get_raw(qk)?.is_some();
+    let q = txn.get::<QuarantineRecord>(qk)?;
+    if existed && q.is_none() {
+        counters.quarantine_keys = counters.quarantine_keys.saturating_sub(1);
+    }
+    Ok(q)
 }
 
 fn remove_pending(
@@ -1567,7 +1687,7 @@ fn fold_set(
         return Ok(());
     }
     let pk = keyenc(b'P', &key.entity, &key.property);
-    match txn.get::<PendingRecord>(&pk)? {
+    match get_pending(txn, counters, key)? {
         Some(old) => {
             counters.superseded += 1;
             if v > old.version() {
@@ -1636,7 +1756,7 @@ fn fold_delete_requeue(
         if key.is_delete() {
             continue;
         }
-        if let Some(p) = txn.get::<PendingRecord>(&pk)? {
+        if let Some(p) = get_pending(txn, counters, &key)? {
             if p.version() < v {
                 counters.superseded += 1;
                 remove_pending(txn, counters, &key, &p)?;
@@ -1670,7 +1790,7 @@ fn fold_set_unchecked_tomb(
     new: PendingRecord,
 ) -> Result<(), StoreError> {
     let pk = keyenc(b'P', &key.entity, &key.property);
-    match txn.get::<PendingRecord>(&pk)? {
+    match get_pending(txn, counters, key)? {
         Some(old) => {
             counters.superseded += 1;
             if new.version() > old.version() {
@@ -1828,6 +1948,14 @@ pub fn verify_tree(db: &sled::Db, counters: &Counters, next_seq: u64) -> VerifyR
             ));
         }
     }
+    // The other direction: an entity with pending keys but no count record.
+    for entity in entity_counts.keys() {
+        if !db.contains_key(simple_key(b'E', entity)).unwrap_or(false) {
+            problems.push(format!(
+                "entity {entity:?} has pending keys but no count record"
+            ));
+        }
+    }
     if counters.pending_keys != pending.len() as u64 {
         problems.push(format!(
             "counter pending_keys = {} but {} pending records",
@@ -1865,10 +1993,16 @@ pub fn verify_tree(db: &sled::Db, counters: &Counters, next_seq: u64) -> VerifyR
 fn salvage_into(aside: &Path, db: &sled::Db) -> u64 {
     let old = match sled::Config::new().path(aside).open() {
         Ok(old) => old,
-        Err(e) => {
-            tracing::error!(error = %e, "moved-aside store cannot be read: nothing salvaged");
-            return 0;
-        }
+        Err(e) => match open_without_conf(aside) {
+            // A damaged `conf` file alone makes sled refuse a store whose data is intact; the
+            // settings it records are sled's defaults, which we never change. Reading a copy
+            // without it recovers everything and leaves the moved-aside store as it was found.
+            Some(old) => old,
+            None => {
+                tracing::error!(error = %e, "moved-aside store cannot be read: nothing salvaged");
+                return 0;
+            }
+        },
     };
     let mut copied = 0;
     for item in old.iter() {
@@ -1882,5 +2016,46 @@ fn salvage_into(aside: &Path, db: &sled::Db) -> u64 {
         }
     }
     let _ = db.flush();
+    drop(old);
+    let scratch = salvage_scratch(aside);
+    if scratch.exists() {
+        let _ = std::fs::remove_dir_all(&scratch);
+    }
     copied
+}
+
+fn salvage_scratch(aside: &Path) -> PathBuf {
+    let mut name = aside.as_os_str().to_owned();
+    name.push(".salvage");
+    PathBuf::from(name)
+}
+
+/// Opens a copy of `aside` without its `conf` file (sled writes a fresh one with its defaults).
+fn open_without_conf(aside: &Path) -> Option<sled::Db> {
+    let scratch = salvage_scratch(aside);
+    let _ = std::fs::remove_dir_all(&scratch);
+    copy_dir(aside, &scratch).ok()?;
+    let _ = std::fs::remove_file(scratch.join("conf"));
+    match sled::Config::new().path(&scratch).open() {
+        Ok(db) => Some(db),
+        Err(e) => {
+            tracing::error!(error = %e, "moved-aside store unreadable even without its conf file");
+            let _ = std::fs::remove_dir_all(&scratch);
+            None
+        }
+    }
+}
+
+fn copy_dir(from: &Path, to: &Path) -> std::io::Result<()> {
+    std::fs::create_dir_all(to)?;
+    for e in std::fs::read_dir(from)? {
+        let e = e?;
+        let target = to.join(e.file_name());
+        if e.file_type()?.is_dir() {
+            copy_dir(&e.path(), &target)?;
+        } else {
+            std::fs::copy(e.path(), target)?;
+        }
+    }
+    Ok(())
 }

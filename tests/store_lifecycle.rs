@@ -1,0 +1,282 @@
+//! Acknowledgements racing newer values, and the life of an entity through deletes, late
+//! updates, re-creation and requeue.
+
+mod common;
+
+use common::*;
+use flux_outbox::model::{PropKey, DELETE_PROPERTY};
+use flux_outbox::store::{ClaimLimits, Outcome, Settlement};
+use serde_json::json;
+
+fn key(e: &str, p: &str) -> (String, String) {
+    (e.to_string(), p.to_string())
+}
+
+#[test]
+fn an_ack_removes_only_the_version_sent() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = open(dir.path(), fast_opts());
+    store
+        .ingest_blocking(vec![set("k", 10, &[("p", json!("v1"))])])
+        .unwrap();
+    store.compact_all().unwrap();
+    let c1 = store.claim(ALL).unwrap().unwrap();
+    assert_eq!(c1.events[0].props[0].value, json!("v1"));
+
+    // v2 arrives and is compacted while v1 is in flight.
+    store
+        .ingest_blocking(vec![set("k", 20, &[("p", json!("v2"))])])
+        .unwrap();
+    store.compact_all().unwrap();
+    // The entity stays claimed until settled: nothing else to claim.
+    assert!(store.claim(ALL).unwrap().is_none());
+
+    deliver_all(&store, &c1);
+    assert_eq!(pending(&store)[&key("k", "p")], (json!("v2"), 20));
+    let d = store.delivered(&PropKey::new("k", "p")).unwrap().unwrap();
+    assert_eq!(
+        d.ts_ms, 10,
+        "the delivered record is the version acknowledged"
+    );
+
+    let c2 = store.claim(ALL).unwrap().unwrap();
+    assert_eq!(c2.events.len(), 1);
+    assert_eq!(c2.events[0].props[0].value, json!("v2"));
+    deliver_all(&store, &c2);
+    assert!(pending(&store).is_empty());
+    assert_eq!(store.stats().delivered, 2);
+    assert_clean(&store);
+}
+
+#[test]
+fn an_ack_racing_an_uncompacted_newer_value_and_an_older_late_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = open(dir.path(), fast_opts());
+    store
+        .ingest_blocking(vec![set("k", 10, &[("p", json!("v1"))])])
+        .unwrap();
+    store.compact_all().unwrap();
+    let c1 = store.claim(ALL).unwrap().unwrap();
+    // v2 still in the log when the ack lands, plus a late value older than v1.
+    store
+        .ingest_blocking(vec![
+            set("k", 20, &[("p", json!("v2"))]),
+            set("k", 5, &[("p", json!("v0"))]),
+        ])
+        .unwrap();
+    deliver_all(&store, &c1);
+    store.compact_all().unwrap();
+    assert_eq!(pending(&store)[&key("k", "p")], (json!("v2"), 20));
+    // v0 lost to v2 (superseded); it never rolls Flux back.
+    assert_eq!(store.stats().superseded, 1);
+    let c2 = store.claim(ALL).unwrap().unwrap();
+    assert_eq!(c2.events[0].props[0].value, json!("v2"));
+    assert_clean(&store);
+}
+
+#[test]
+fn entity_lifecycle_delete_late_update_recreate() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = open(dir.path(), fast_opts());
+    // "A" sorts before "__deleted__", "x" after it.
+    store
+        .ingest_blocking(vec![set("e", 10, &[("A", json!(1)), ("x", json!(1))])])
+        .unwrap();
+    store.compact_all().unwrap();
+    store.ingest_blocking(vec![delete("e", 20)]).unwrap();
+    // Pending after e's delete: delivered after it (oldest first).
+    store
+        .ingest_blocking(vec![set("other", 11, &[("x", json!(1))])])
+        .unwrap();
+    store.compact_all().unwrap();
+    let p = pending(&store);
+    assert!(!p.contains_key(&key("e", "A")) && !p.contains_key(&key("e", "x")));
+    assert_eq!(p[&key("e", DELETE_PROPERTY)], (json!(true), 20));
+    assert_eq!(
+        store.stats().superseded,
+        2,
+        "both older properties superseded"
+    );
+
+    // Older than the delete: dropped and counted, whether or not something is pending.
+    store
+        .ingest_blocking(vec![set("e", 15, &[("x", json!(5))])])
+        .unwrap();
+    store.compact_all().unwrap();
+    assert_eq!(store.stats().late_dropped, 1);
+    assert!(!pending(&store).contains_key(&key("e", "x")));
+
+    // Newer than the delete: re-creates the entity.
+    store
+        .ingest_blocking(vec![set("e", 30, &[("A", json!(7)), ("x", json!(7))])])
+        .unwrap();
+    store.compact_all().unwrap();
+    let p = pending(&store);
+    assert_eq!(p[&key("e", "A")], (json!(7), 30));
+    assert_eq!(p[&key("e", "x")], (json!(7), 30));
+    assert_eq!(store.stats().pending_entities, 2);
+
+    // The delete is claimed alone, even though newer properties are pending.
+    let one = ClaimLimits {
+        events_max: 1,
+        bytes_max: 1 << 20,
+    };
+    let c = store.claim(one).unwrap().unwrap();
+    assert_eq!(c.events.len(), 1);
+    assert_eq!(c.events[0].entity, "e");
+    assert!(c.events[0].delete);
+    assert_eq!(c.events[0].props.len(), 1);
+    assert_eq!(c.events[0].props[0].name, DELETE_PROPERTY);
+    // The entity is in flight: the next claim moves on to the other entity only.
+    let c_other = store.claim(ALL).unwrap().unwrap();
+    assert_eq!(c_other.events.len(), 1);
+    assert_eq!(c_other.events[0].entity, "other");
+    deliver_all(&store, &c_other);
+
+    deliver_all(&store, &c);
+    // Now the re-created entity's properties are claimed, after the delete was settled.
+    let c = store.claim(one).unwrap().unwrap();
+    assert_eq!(c.events[0].entity, "e");
+    assert!(!c.events[0].delete);
+    let names: Vec<&str> = c.events[0].props.iter().map(|p| p.name.as_str()).collect();
+    assert_eq!(names, ["A", "x"]);
+    deliver_all(&store, &c);
+
+    // The tombstone outlives the delivery and a restart: a late update older than the delete
+    // still never reaches Flux.
+    store.close().unwrap();
+    drop(store);
+    let (store, _) = open(dir.path(), fast_opts());
+    store
+        .ingest_blocking(vec![set("e", 18, &[("y", json!(1))])])
+        .unwrap();
+    store.compact_all().unwrap();
+    assert_eq!(store.stats().late_dropped, 2);
+    assert!(!pending(&store).contains_key(&key("e", "y")));
+    assert_clean(&store);
+}
+
+#[test]
+fn a_requeued_old_delete_never_follows_a_newer_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = open(dir.path(), fast_opts());
+    store.ingest_blocking(vec![delete("e", 10)]).unwrap();
+    store.compact_all().unwrap();
+    let c = store.claim(ALL).unwrap().unwrap();
+    settle_all(&store, &c, || {
+        Some(Outcome::Quarantine {
+            reason: "rejected".into(),
+            http_status: Some(403),
+        })
+    });
+    // A newer delete and a re-creation are delivered meanwhile.
+    store.ingest_blocking(vec![delete("e", 20)]).unwrap();
+    store.compact_all().unwrap();
+    deliver_all(&store, &store.claim(ALL).unwrap().unwrap());
+    store
+        .ingest_blocking(vec![set("e", 30, &[("x", json!(1))])])
+        .unwrap();
+    store.compact_all().unwrap();
+    deliver_all(&store, &store.claim(ALL).unwrap().unwrap());
+
+    // Flux applies in arrival order: resending the old delete would wipe x. It is dropped.
+    assert_eq!(store.requeue(None).unwrap(), 1);
+    assert!(pending(&store).is_empty(), "{:?}", pending(&store));
+    let s = store.stats();
+    assert_eq!((s.late_dropped, s.quarantine_keys, s.requeued), (1, 0, 1));
+    assert_clean(&store);
+}
+
+#[test]
+fn a_requeued_delete_that_is_still_the_newest_is_resent() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = open(dir.path(), fast_opts());
+    store
+        .ingest_blocking(vec![set("e", 5, &[("x", json!(1))])])
+        .unwrap();
+    store.ingest_blocking(vec![delete("e", 10)]).unwrap();
+    store.compact_all().unwrap();
+    let c = store.claim(ALL).unwrap().unwrap();
+    settle_all(&store, &c, || {
+        Some(Outcome::Quarantine {
+            reason: "rejected".into(),
+            http_status: Some(403),
+        })
+    });
+    assert_eq!(store.requeue(Some("e")).unwrap(), 1);
+    let c = store.claim(ALL).unwrap().unwrap();
+    assert!(c.events[0].delete);
+    assert_eq!(c.events[0].props[0].version.ts_ms, 10);
+    assert_clean(&store);
+}
+
+#[test]
+fn a_stale_settlement_after_requeue_leaves_no_orphan_index_entry() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = open(dir.path(), fast_opts());
+    // Two values so the pending record's first_seq (1) differs from its seq (2).
+    store
+        .ingest_blocking(vec![set("k", 1, &[("p", json!(1))])])
+        .unwrap();
+    store
+        .ingest_blocking(vec![set("k", 2, &[("p", json!(2))])])
+        .unwrap();
+    store.compact_all().unwrap();
+    let c = store.claim(ALL).unwrap().unwrap();
+    let sent = c.events[0].props[0].pending.clone();
+    assert_ne!(sent.first_seq, sent.seq);
+    settle_all(&store, &c, || {
+        Some(Outcome::Quarantine {
+            reason: "rejected".into(),
+            http_status: Some(400),
+        })
+    });
+    // Requeue re-indexes the same version at its own seq.
+    store.requeue(None).unwrap();
+    // A duplicate, stale answer for the first send (e.g. a retried request that did land).
+    store
+        .settle(vec![Settlement {
+            key: PropKey::new("k", "p"),
+            sent,
+            outcome: Outcome::Delivered { value_hash: 0 },
+        }])
+        .unwrap();
+    assert!(pending(&store).is_empty());
+    assert_eq!(store.stats().pending_keys, 0);
+    assert_clean(&store);
+}
+
+#[test]
+fn quarantine_keeps_the_newest_rejected_value() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = open(dir.path(), fast_opts());
+    store
+        .ingest_blocking(vec![set("k", 2, &[("p", json!("new"))])])
+        .unwrap();
+    store.compact_all().unwrap();
+    let new = store.claim(ALL).unwrap().unwrap();
+    let q = || {
+        Some(Outcome::Quarantine {
+            reason: "rejected".into(),
+            http_status: Some(400),
+        })
+    };
+    settle_all(&store, &new, q);
+    // An older value of the same key rejected afterwards (a late answer to an earlier send).
+    store
+        .ingest_blocking(vec![set("k", 1, &[("p", json!("old"))])])
+        .unwrap();
+    store.compact_all().unwrap();
+    let old = store.claim(ALL).unwrap().unwrap();
+    settle_all(&store, &old, q);
+    let rows = store.quarantine_rows(None, 10).unwrap();
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0].value, json!("new"));
+    assert_eq!(store.stats().quarantine_keys, 1);
+    assert_eq!(
+        store.stats().superseded,
+        1,
+        "the discarded rejected value is counted"
+    );
+    assert_clean(&store);
+}

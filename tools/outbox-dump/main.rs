@@ -132,13 +132,20 @@ enum Command {
     },
     /// Move quarantined keys back to pending (needs --entity or --all).
     Requeue {
-        /// Entities whose id starts with this.
-        #[arg(long, value_name = "PREFIX", required_unless_present = "all")]
-        entity: Option<String>,
-        /// Every quarantined key.
-        #[arg(long, conflicts_with = "entity")]
-        all: bool,
+        #[command(flatten)]
+        target: RequeueTarget,
     },
+}
+
+#[derive(Args, Clone, Debug)]
+#[group(required = true, multiple = false)]
+struct RequeueTarget {
+    /// Entities whose id starts with this.
+    #[arg(long, value_name = "PREFIX")]
+    entity: Option<String>,
+    /// Every quarantined key.
+    #[arg(long)]
+    all: bool,
 }
 
 #[derive(Args, Clone, Debug)]
@@ -243,9 +250,13 @@ fn run(cli: &Cli, format: Format) -> Result<(String, u8), Failure> {
             Ok((render::verify(&report, format), code))
         }
         Command::Export { quarantine } => Ok((source.export(*quarantine)?, 0)),
-        Command::Requeue { entity, all } => {
-            // clap already requires one of the two; `--all` means no prefix.
-            let prefix = if *all { None } else { entity.as_deref() };
+        Command::Requeue { target } => {
+            // clap requires exactly one of the two; `--all` means no prefix.
+            let prefix = if target.all {
+                None
+            } else {
+                target.entity.as_deref()
+            };
             let n = source.requeue(prefix)?;
             Ok((render::requeued(n, format), 0))
         }

@@ -22,6 +22,10 @@
 //!   `requeue` is read-only: it never creates a store, never writes the format record, never
 //!   compacts (so `log` shows the uncompacted tail as it is on disk, and `export` folds the tail
 //!   in memory with the compactor's rules). `requeue` opens the store as the worker does.
+//!   sled has no read-only mode: the first open after the worker stopped may let sled write its
+//!   own recovery snapshot (`snap.*`) and seal its log; no record of the store changes, and
+//!   later reads leave the files byte for byte as they are. While the tool holds the store
+//!   (a second or so), a worker starting at that moment is refused and restarts.
 //! - **live**: the worker runs and holds the lock; the tool asks the worker's admin API
 //!   (`/v1/outbox/*`), with output identical to offline for the same content.
 //!

@@ -2036,6 +2036,7 @@ fn salvage_into(aside: &Path, db: &sled::Db) -> u64 {
     copied
 }
 
+<<<<<<< HEAD
 fn salvage_scratch(aside: &Path) -> PathBuf {
     let mut name = aside.as_os_str().to_owned();
     name.push(".salvage");
@@ -2070,4 +2071,294 @@ fn copy_dir(from: &Path, to: &Path) -> std::io::Result<()> {
         }
     }
     Ok(())
+=======
+// ---------------------------------------------------------------------------------------------
+// Read-only access to a stopped store (outbox-dump). sled has no read-only mode and
+// `Store::open` writes (format record, recount, writer thread), so the tool opens the sled tree
+// itself and reads it only through these functions, none of which writes. They mirror the
+// `Store` listings exactly (the tool's tests compare offline with live output).
+
+/// What the format record of a tree says.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TreeFormat {
+    /// No format record: not a flux-outbox store (or one that never finished opening).
+    Missing,
+    /// The record is not 4 bytes.
+    Malformed,
+    Version(u32),
+}
+
+/// The meta records of a tree.
+#[derive(Clone, Debug)]
+pub struct TreeMeta {
+    pub format: TreeFormat,
+    /// What the writer would continue with: stored `next_seq`, raised past the last log record.
+    pub next_seq: u64,
+    pub counters: Counters,
+    /// Why the counters record does not decode; `counters` were then recounted from the
+    /// contents, as `Store::open` does.
+    pub counters_error: Option<String>,
+}
+
+/// Reads format version, next sequence and counters without writing.
+pub fn read_tree_meta(db: &sled::Db) -> Result<TreeMeta, StoreError> {
+    let format = match db.get(META_FORMAT).map_err(StoreError::storage)? {
+        None => TreeFormat::Missing,
+        Some(v) => match <[u8; 4]>::try_from(v.as_ref()) {
+            Ok(b) => TreeFormat::Version(u32::from_be_bytes(b)),
+            Err(_) => TreeFormat::Malformed,
+        },
+    };
+    let (counters, counters_error) = match db.get(META_COUNTERS).map_err(StoreError::storage)? {
+        None => (Counters::default(), None),
+        Some(v) => match record::decode::<Counters>(&v) {
+            Ok(c) => (c, None),
+            Err(e) => {
+                let c = Counters {
+                    pending_keys: db.scan_prefix(b"P").count() as u64,
+                    pending_entities: db.scan_prefix(b"E").count() as u64,
+                    quarantine_keys: db.scan_prefix(b"Q").count() as u64,
+                    corrupt_set_aside: db.scan_prefix(b"X").count() as u64,
+                    ..Counters::default()
+                };
+                (c, Some(e.to_string()))
+            }
+        },
+    };
+    let stored_next = db
+        .get(META_NEXT_SEQ)
+        .map_err(StoreError::storage)?
+        .and_then(|v| u64_of(&v))
+        .unwrap_or(1);
+    let last_log = db
+        .scan_prefix(b"L")
+        .keys()
+        .next_back()
+        .and_then(|k| k.ok())
+        .and_then(|k| u64_of(&k[1..]));
+    let next_seq = stored_next.max(last_log.map(|s| s + 1).unwrap_or(1)).max(1);
+    Ok(TreeMeta {
+        format,
+        next_seq,
+        counters,
+        counters_error,
+    })
+}
+
+/// [`Store::stats`] of a stopped store (`store_dir` is the sled directory, for disk usage).
+pub fn tree_stats(db: &sled::Db, store_dir: &Path) -> Result<Stats, StoreError> {
+    let meta = read_tree_meta(db)?;
+    let c = meta.counters;
+    let first_log = db
+        .scan_prefix(b"L")
+        .keys()
+        .next()
+        .and_then(|k| k.ok())
+        .and_then(|k| u64_of(&k[1..]));
+    let from_index = db
+        .scan_prefix(b"I")
+        .keys()
+        .next()
+        .and_then(|k| k.ok())
+        .and_then(|ik| ik.get(9..).and_then(keydec))
+        .and_then(|key| {
+            db.get(keyenc(b'P', &key.entity, &key.property))
+                .ok()
+                .flatten()
+        })
+        .and_then(|v| record::decode::<PendingRecord>(&v).ok())
+        .map(|p| p.pending_since_ms);
+    let from_log = db
+        .scan_prefix(b"L")
+        .values()
+        .next()
+        .and_then(|v| v.ok())
+        .and_then(|v| record::decode::<LogRecord>(&v).ok())
+        .map(|r| r.arrived_ms);
+    let oldest = match (from_index, from_log) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    };
+    Ok(Stats {
+        pending_keys: c.pending_keys,
+        pending_entities: c.pending_entities,
+        oldest_pending_ms: oldest,
+        log_backlog: first_log
+            .map(|f| meta.next_seq.saturating_sub(f))
+            .unwrap_or(0),
+        quarantine_keys: c.quarantine_keys,
+        superseded: c.superseded,
+        late_dropped: c.late_dropped,
+        delivered: c.delivered,
+        quarantined_total: c.quarantined_total,
+        requeued: c.requeued,
+        corrupt_set_aside: c.corrupt_set_aside,
+        in_flight_entities: 0,
+        disk_bytes: dir_bytes(store_dir),
+        next_seq: meta.next_seq,
+        format_version: match meta.format {
+            TreeFormat::Version(v) => v,
+            _ => FORMAT_VERSION,
+        },
+    })
+}
+
+fn pending_row(key: PropKey, p: PendingRecord) -> Row {
+    Row {
+        entity: key.entity,
+        property: key.property,
+        value: json_of(&p.value),
+        ts_ms: p.ts_ms,
+        seq: p.seq,
+        pending_since_ms: p.pending_since_ms,
+        attempts: p.attempts,
+        last_error: p.last_error,
+        reason: None,
+        http_status: None,
+        quarantined_at_ms: None,
+    }
+}
+
+/// [`Store::pending_rows`] of a stopped store.
+pub fn tree_pending_rows(
+    db: &sled::Db,
+    entity_prefix: Option<&str>,
+    older_than_ms: Option<u64>,
+    limit: usize,
+) -> Result<Vec<Row>, StoreError> {
+    let now = now_ms();
+    let mut rows = Vec::new();
+    for item in db.scan_prefix(b"I").keys() {
+        if rows.len() >= limit {
+            break;
+        }
+        let ik = item.map_err(StoreError::storage)?;
+        let Some(key) = ik.get(9..).and_then(keydec) else {
+            continue;
+        };
+        if entity_prefix.is_some_and(|p| !key.entity.starts_with(p)) {
+            continue;
+        }
+        let Some(v) = db
+            .get(keyenc(b'P', &key.entity, &key.property))
+            .map_err(StoreError::storage)?
+        else {
+            continue;
+        };
+        let Ok(p) = record::decode::<PendingRecord>(&v) else {
+            continue;
+        };
+        if older_than_ms.is_some_and(|age| now.saturating_sub(p.pending_since_ms) < age) {
+            continue;
+        }
+        rows.push(pending_row(key, p));
+    }
+    Ok(rows)
+}
+
+/// [`Store::quarantine_rows`] of a stopped store.
+pub fn tree_quarantine_rows(
+    db: &sled::Db,
+    entity_prefix: Option<&str>,
+    limit: usize,
+) -> Result<Vec<Row>, StoreError> {
+    let mut rows = Vec::new();
+    for item in db.scan_prefix(b"Q") {
+        if rows.len() >= limit {
+            break;
+        }
+        let (k, v) = item.map_err(StoreError::storage)?;
+        let Some(key) = keydec(&k[1..]) else { continue };
+        if entity_prefix.is_some_and(|p| !key.entity.starts_with(p)) {
+            continue;
+        }
+        let Ok(q) = record::decode::<QuarantineRecord>(&v) else {
+            continue;
+        };
+        rows.push(Row {
+            reason: Some(q.reason),
+            http_status: q.http_status,
+            quarantined_at_ms: Some(q.quarantined_at_ms),
+            ..pending_row(key, q.pending)
+        });
+    }
+    Ok(rows)
+}
+
+/// [`Store::log_rows`] of a stopped store.
+pub fn tree_log_rows(db: &sled::Db, limit: usize) -> Result<Vec<LogRow>, StoreError> {
+    let mut rows = Vec::new();
+    for item in db.scan_prefix(b"L").take(limit) {
+        let (k, v) = item.map_err(StoreError::storage)?;
+        let Ok(r) = record::decode::<LogRecord>(&v) else {
+            continue;
+        };
+        rows.push(LogRow {
+            seq: u64_of(&k[1..]).unwrap_or(0),
+            entity: r.entity,
+            delete: r.delete,
+            properties: r
+                .props
+                .iter()
+                .map(|(n, v)| (n.clone(), json_of(v)))
+                .collect(),
+            ts_ms: r.ts_ms,
+            arrived_ms: r.arrived_ms,
+        });
+    }
+    Ok(rows)
+}
+
+/// The pending rows the store would hold once its log is compacted (what `compact_all` then
+/// `pending_rows` gives on a running store, for export), computed in memory: the log is folded
+/// with the compactor's own rules into a transaction that is never committed.
+pub fn tree_folded_pending_rows(db: &sled::Db) -> Result<Vec<Row>, StoreError> {
+    let mut txn = Txn::new(db);
+    let mut counters = read_tree_meta(db)?.counters;
+    for item in db.scan_prefix(b"L") {
+        let (k, v) = item.map_err(StoreError::storage)?;
+        let seq = u64_of(&k[1..]).unwrap_or(0);
+        // A corrupt log record is skipped, as the compactor sets it aside.
+        let Ok(rec) = record::decode::<LogRecord>(&v) else {
+            continue;
+        };
+        let version = Version {
+            ts_ms: rec.ts_ms,
+            seq,
+        };
+        if rec.delete {
+            fold_delete(&mut txn, &mut counters, &rec, version)?;
+        } else {
+            for (name, value) in &rec.props {
+                let p = PendingRecord {
+                    ts_ms: rec.ts_ms,
+                    seq,
+                    value: value.clone(),
+                    stream: rec.stream.clone(),
+                    source: rec.source.clone(),
+                    first_seq: seq,
+                    pending_since_ms: rec.arrived_ms,
+                    attempts: 0,
+                    last_error: None,
+                };
+                fold_set(
+                    &mut txn,
+                    &mut counters,
+                    &PropKey::new(rec.entity.clone(), name.clone()),
+                    p,
+                )?;
+            }
+        }
+    }
+    let mut rows = Vec::new();
+    for ik in txn.keys_with_prefix(b"I")? {
+        let Some(key) = ik.get(9..).and_then(keydec) else {
+            continue;
+        };
+        if let Some(p) = txn.get::<PendingRecord>(&keyenc(b'P', &key.entity, &key.property))? {
+            rows.push(pending_row(key, p));
+        }
+    }
+    Ok(rows)
+>>>>>>> dump
 }

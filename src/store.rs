@@ -2036,7 +2036,6 @@ fn salvage_into(aside: &Path, db: &sled::Db) -> u64 {
     copied
 }
 
-<<<<<<< HEAD
 fn salvage_scratch(aside: &Path) -> PathBuf {
     let mut name = aside.as_os_str().to_owned();
     name.push(".salvage");
@@ -2071,7 +2070,8 @@ fn copy_dir(from: &Path, to: &Path) -> std::io::Result<()> {
         }
     }
     Ok(())
-=======
+}
+
 // ---------------------------------------------------------------------------------------------
 // Read-only access to a stopped store (outbox-dump). sled has no read-only mode and
 // `Store::open` writes (format record, recount, writer thread), so the tool opens the sled tree
@@ -2360,5 +2360,4 @@ pub fn tree_folded_pending_rows(db: &sled::Db) -> Result<Vec<Row>, StoreError> {
         }
     }
     Ok(rows)
->>>>>>> dump
 }

@@ -182,10 +182,25 @@ pub async fn run(
     // Disk usage feeds the disk limit and /metrics; directory walks stay off the hot path.
     let disk_store = store.clone();
     let mut disk_stop = stop_rx.clone();
+    let shrink_above = cfg.store.shrink_when_drained_above;
     let disk_task = tokio::spawn(async move {
+        let mut tick: u64 = 0;
         loop {
             let s = disk_store.clone();
             let _ = tokio::task::spawn_blocking(move || s.refresh_disk_bytes()).await;
+            tick += 1;
+            // A drained store rotates to a fresh one so disk use returns to a few MB; checked
+            // every 30 s (cheap: it returns at once while anything is pending).
+            if tick % 30 == 0 {
+                let s = disk_store.clone();
+                match tokio::task::spawn_blocking(move || s.shrink_if_drained(shrink_above)).await {
+                    Ok(Err(e)) => {
+                        tracing::error!(error = %e, "store rotation failed; the old store stays in use")
+                    }
+                    Err(e) => tracing::error!(error = %e, "store rotation task failed"),
+                    Ok(Ok(_)) => {}
+                }
+            }
             tokio::select! {
                 _ = tokio::time::sleep(Duration::from_secs(1)) => {}
                 _ = disk_stop.changed() => return,

@@ -296,7 +296,12 @@ struct SyncFiles {
 
 struct Inner {
     dir: PathBuf,
-    db: sled::Db,
+    /// Swapped only by `shrink_if_drained` (rotation to a fresh store), under `writer_gate`
+    /// and the state lock; everyone else takes a cheap clone per operation.
+    db: std::sync::RwLock<sled::Db>,
+    /// Held by the writer thread for a whole commit group and by rotation, so a rotation never
+    /// races a commit. Lock order: writer_gate, then state.
+    writer_gate: Mutex<()>,
     opts: StoreOptions,
     state: Mutex<State>,
     sync: Mutex<SyncFiles>,
@@ -307,6 +312,10 @@ struct Inner {
     /// of new keys cannot overshoot it by more than what is in flight.
     log_keys: AtomicU64,
     disk_bytes: AtomicU64,
+    /// Bytes on disk right after the last rotation: the live size. Another rotation only pays
+    /// when the store has grown well past it (otherwise a large delivered-record set would
+    /// rotate again and again).
+    rotated_bytes: AtomicU64,
     closed: AtomicBool,
 }
 
@@ -538,6 +547,7 @@ impl Store {
             ))
         })?;
         let path = data_dir.join(STORE_DIR);
+        recover_rotation(data_dir)?;
         let mut report = OpenReport {
             created: !path.exists(),
             ..Default::default()
@@ -634,7 +644,8 @@ impl Store {
         let db_file = File::open(path.join("db")).ok();
         let inner = Arc::new(Inner {
             dir: path.clone(),
-            db,
+            db: std::sync::RwLock::new(db),
+            writer_gate: Mutex::new(()),
             opts,
             state: Mutex::new(State {
                 counters,
@@ -649,6 +660,7 @@ impl Store {
             next_seq: AtomicU64::new(next_seq),
             log_keys: AtomicU64::new(log_keys),
             disk_bytes: AtomicU64::new(0),
+            rotated_bytes: AtomicU64::new(0),
             closed: AtomicBool::new(false),
         });
         let store = Store { inner };
@@ -675,6 +687,15 @@ impl Store {
 
     pub fn dir(&self) -> &Path {
         &self.inner.dir
+    }
+
+    /// The current sled handle (a cheap clone; rotation may replace it between operations).
+    fn db(&self) -> sled::Db {
+        self.inner
+            .db
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     pub fn options(&self) -> &StoreOptions {
@@ -767,7 +788,7 @@ impl Store {
             if let UpdateOp::Set(props) = &u.op {
                 for name in props.keys() {
                     let k = keyenc(b'P', &u.entity, name);
-                    if !self.inner.db.contains_key(k).map_err(StoreError::storage)? {
+                    if !self.db().contains_key(k).map_err(StoreError::storage)? {
                         return Err(StoreError::Full(why));
                     }
                 }
@@ -777,6 +798,7 @@ impl Store {
     }
 
     fn commit_group(&self, group: Vec<IngestReq>) {
+        let _gate = lock(&self.inner.writer_gate);
         let mut batch = sled::Batch::default();
         let mut accepted: Vec<(IngestReq, u64, u64)> = Vec::with_capacity(group.len());
         let mut seq = self.inner.next_seq.load(Ordering::SeqCst);
@@ -819,16 +841,23 @@ impl Store {
             return;
         }
         batch.insert(META_NEXT_SEQ, &seq.to_be_bytes());
-        let result = self
-            .inner
-            .db
-            .apply_batch(batch)
-            .map_err(StoreError::storage)
-            .and_then(|_| self.sync_durable().map_err(StoreError::storage));
+        // Counted before the records become visible: the compactor may fold them (and subtract
+        // them) while this thread still waits for the sync; adding afterwards would leave
+        // phantom keys that make `admit` refuse new keys on an empty outbox.
+        self.inner.log_keys.fetch_add(added_keys, Ordering::Relaxed);
+        let applied = self.db().apply_batch(batch).map_err(StoreError::storage);
+        if applied.is_err() {
+            let _ = self
+                .inner
+                .log_keys
+                .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
+                    Some(v.saturating_sub(added_keys))
+                });
+        }
+        let result = applied.and_then(|_| self.sync_durable().map_err(StoreError::storage));
         match result {
             Ok(()) => {
                 self.inner.next_seq.store(seq, Ordering::SeqCst);
-                self.inner.log_keys.fetch_add(added_keys, Ordering::Relaxed);
                 for (req, last, _) in accepted {
                     let _ = req.reply.send(Ok(IngestAck {
                         accepted: req.updates.len(),
@@ -851,8 +880,7 @@ impl Store {
 
     /// Makes everything written so far durable according to the configured mode.
     pub fn sync_durable(&self) -> std::io::Result<()> {
-        self.inner
-            .db
+        self.db()
             .flush()
             .map_err(|e| std::io::Error::other(e.to_string()))?;
         if self.inner.opts.durability == Durability::Flush {
@@ -898,11 +926,12 @@ impl Store {
     /// Returns how many log records were folded (0: the log is empty).
     pub fn compact_step(&self, records_max: usize) -> Result<usize, StoreError> {
         let mut state = lock(&self.inner.state);
-        let mut txn = Txn::new(&self.inner.db);
+        let db = self.db();
+        let mut txn = Txn::new(&db);
         let mut counters = state.counters.clone();
         let mut folded = 0usize;
         let mut keys_folded = 0u64;
-        for item in self.inner.db.scan_prefix(b"L").take(records_max) {
+        for item in self.db().scan_prefix(b"L").take(records_max) {
             let (k, v) = item.map_err(StoreError::storage)?;
             let seq = u64_of(&k[1..]).unwrap_or(0);
             folded += 1;
@@ -987,7 +1016,7 @@ impl Store {
         let mut bytes = 0usize;
         let mut taken: HashSet<String> = HashSet::new();
         let mut corrupt = Vec::new();
-        'index: for item in self.inner.db.scan_prefix(b"I").keys() {
+        'index: for item in self.db().scan_prefix(b"I").keys() {
             let ik = item.map_err(StoreError::storage)?;
             let Some(key) = ik.get(9..).and_then(keydec) else {
                 corrupt.push(ik.to_vec());
@@ -1035,7 +1064,7 @@ impl Store {
         let prefix = entity_prefix(b'P', entity);
         let mut groups: BTreeMap<(Option<String>, Option<String>), Vec<ClaimedProp>> =
             BTreeMap::new();
-        for item in self.inner.db.scan_prefix(&prefix) {
+        for item in self.db().scan_prefix(&prefix) {
             let (k, v) = item.map_err(StoreError::storage)?;
             let Some(key) = keydec(&k[1..]) else {
                 corrupt.push(k.to_vec());
@@ -1087,8 +1116,7 @@ impl Store {
     pub fn delivered(&self, key: &PropKey) -> Result<Option<DeliveredRecord>, StoreError> {
         let k = keyenc(b'D', &key.entity, &key.property);
         Ok(self
-            .inner
-            .db
+            .db()
             .get(k)
             .map_err(StoreError::storage)?
             .and_then(|v| record::decode(&v).ok()))
@@ -1098,7 +1126,8 @@ impl Store {
     /// pending value newer than the one sent is kept.
     pub fn settle(&self, settlements: Vec<Settlement>) -> Result<(), StoreError> {
         let mut state = lock(&self.inner.state);
-        let mut txn = Txn::new(&self.inner.db);
+        let db = self.db();
+        let mut txn = Txn::new(&db);
         let mut counters = state.counters.clone();
         let now = now_ms();
         let mut entities = HashSet::new();
@@ -1204,7 +1233,8 @@ impl Store {
     /// pending, through the same newest-wins rules as new updates. Durable when it returns.
     pub fn requeue(&self, entity_prefix: Option<&str>) -> Result<u64, StoreError> {
         let mut state = lock(&self.inner.state);
-        let mut txn = Txn::new(&self.inner.db);
+        let db = self.db();
+        let mut txn = Txn::new(&db);
         let mut counters = state.counters.clone();
         let mut moved = 0u64;
         let keys = txn.keys_with_prefix(b"Q")?;
@@ -1271,7 +1301,8 @@ impl Store {
         state: &mut MutexGuard<'_, State>,
         keys: Vec<Vec<u8>>,
     ) -> Result<(), StoreError> {
-        let mut txn = Txn::new(&self.inner.db);
+        let db = self.db();
+        let mut txn = Txn::new(&db);
         let mut counters = state.counters.clone();
         for k in keys {
             // A pending record is set aside with its index entry, entity count and counter,
@@ -1306,20 +1337,15 @@ impl Store {
         let c = state.counters.clone();
         let in_flight = state.in_flight.len() as u64;
         drop(state);
-        let first_log = self
-            .inner
-            .db
-            .scan_prefix(b"L")
-            .keys()
-            .next()
-            .and_then(|k| k.ok())
-            .and_then(|k| u64_of(&k[1..]));
+        let db = self.db();
         let next_seq = self.inner.next_seq.load(Ordering::SeqCst);
         Stats {
             pending_keys: c.pending_keys,
             pending_entities: c.pending_entities,
-            oldest_pending_ms: self.oldest_pending_ms(),
-            log_backlog: first_log.map(|f| next_seq.saturating_sub(f)).unwrap_or(0),
+            oldest_pending_ms: oldest_pending_in(&db),
+            log_backlog: first_log_seq(&db)
+                .map(|f| next_seq.saturating_sub(f))
+                .unwrap_or(0),
             quarantine_keys: c.quarantine_keys,
             superseded: c.superseded,
             late_dropped: c.late_dropped,
@@ -1334,40 +1360,6 @@ impl Store {
         }
     }
 
-    /// Arrival time of the value that has waited longest (epoch ms), from the log or pending set.
-    fn oldest_pending_ms(&self) -> Option<u64> {
-        let from_index = self
-            .inner
-            .db
-            .scan_prefix(b"I")
-            .keys()
-            .next()
-            .and_then(|k| k.ok())
-            .and_then(|ik| ik.get(9..).and_then(keydec))
-            .and_then(|key| {
-                self.inner
-                    .db
-                    .get(keyenc(b'P', &key.entity, &key.property))
-                    .ok()
-                    .flatten()
-            })
-            .and_then(|v| record::decode::<PendingRecord>(&v).ok())
-            .map(|p| p.pending_since_ms);
-        let from_log = self
-            .inner
-            .db
-            .scan_prefix(b"L")
-            .values()
-            .next()
-            .and_then(|v| v.ok())
-            .and_then(|v| record::decode::<LogRecord>(&v).ok())
-            .map(|r| r.arrived_ms);
-        match (from_index, from_log) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
-    }
-
     /// Pending keys in delivery order, optionally filtered.
     pub fn pending_rows(
         &self,
@@ -1375,48 +1367,7 @@ impl Store {
         older_than_ms: Option<u64>,
         limit: usize,
     ) -> Result<Vec<Row>, StoreError> {
-        let now = now_ms();
-        let mut rows = Vec::new();
-        for item in self.inner.db.scan_prefix(b"I").keys() {
-            if rows.len() >= limit {
-                break;
-            }
-            let ik = item.map_err(StoreError::storage)?;
-            let Some(key) = ik.get(9..).and_then(keydec) else {
-                continue;
-            };
-            if entity_prefix.is_some_and(|p| !key.entity.starts_with(p)) {
-                continue;
-            }
-            let Some(v) = self
-                .inner
-                .db
-                .get(keyenc(b'P', &key.entity, &key.property))
-                .map_err(StoreError::storage)?
-            else {
-                continue;
-            };
-            let Ok(p) = record::decode::<PendingRecord>(&v) else {
-                continue;
-            };
-            if older_than_ms.is_some_and(|age| now.saturating_sub(p.pending_since_ms) < age) {
-                continue;
-            }
-            rows.push(Row {
-                entity: key.entity,
-                property: key.property,
-                value: json_of(&p.value),
-                ts_ms: p.ts_ms,
-                seq: p.seq,
-                pending_since_ms: p.pending_since_ms,
-                attempts: p.attempts,
-                last_error: p.last_error,
-                reason: None,
-                http_status: None,
-                quarantined_at_ms: None,
-            });
-        }
-        Ok(rows)
+        tree_pending_rows(&self.db(), entity_prefix, older_than_ms, limit)
     }
 
     /// Quarantined keys, optionally filtered.
@@ -1425,62 +1376,12 @@ impl Store {
         entity_prefix: Option<&str>,
         limit: usize,
     ) -> Result<Vec<Row>, StoreError> {
-        let mut rows = Vec::new();
-        let prefix = match entity_prefix {
-            Some(_) => b"Q".to_vec(),
-            None => b"Q".to_vec(),
-        };
-        for item in self.inner.db.scan_prefix(prefix) {
-            if rows.len() >= limit {
-                break;
-            }
-            let (k, v) = item.map_err(StoreError::storage)?;
-            let Some(key) = keydec(&k[1..]) else { continue };
-            if entity_prefix.is_some_and(|p| !key.entity.starts_with(p)) {
-                continue;
-            }
-            let Ok(q) = record::decode::<QuarantineRecord>(&v) else {
-                continue;
-            };
-            rows.push(Row {
-                entity: key.entity,
-                property: key.property,
-                value: json_of(&q.pending.value),
-                ts_ms: q.pending.ts_ms,
-                seq: q.pending.seq,
-                pending_since_ms: q.pending.pending_since_ms,
-                attempts: q.pending.attempts,
-                last_error: q.pending.last_error,
-                reason: Some(q.reason),
-                http_status: q.http_status,
-                quarantined_at_ms: Some(q.quarantined_at_ms),
-            });
-        }
-        Ok(rows)
+        tree_quarantine_rows(&self.db(), entity_prefix, limit)
     }
 
     /// The uncompacted tail of the log.
     pub fn log_rows(&self, limit: usize) -> Result<Vec<LogRow>, StoreError> {
-        let mut rows = Vec::new();
-        for item in self.inner.db.scan_prefix(b"L").take(limit) {
-            let (k, v) = item.map_err(StoreError::storage)?;
-            let Ok(r) = record::decode::<LogRecord>(&v) else {
-                continue;
-            };
-            rows.push(LogRow {
-                seq: u64_of(&k[1..]).unwrap_or(0),
-                entity: r.entity,
-                delete: r.delete,
-                properties: r
-                    .props
-                    .iter()
-                    .map(|(n, v)| (n.clone(), json_of(v)))
-                    .collect(),
-                ts_ms: r.ts_ms,
-                arrived_ms: r.arrived_ms,
-            });
-        }
-        Ok(rows)
+        tree_log_rows(&self.db(), limit)
     }
 
     /// Checks every record and the engine's invariants. Read-only.
@@ -1489,7 +1390,7 @@ impl Store {
         let counters = state.counters.clone();
         drop(state);
         verify_tree(
-            &self.inner.db,
+            &self.db(),
             &counters,
             self.inner.next_seq.load(Ordering::SeqCst),
         )
@@ -1499,16 +1400,113 @@ impl Store {
     fn recount(&self) -> Result<(), StoreError> {
         let mut state = lock(&self.inner.state);
         let mut c = state.counters.clone();
-        c.pending_keys = self.inner.db.scan_prefix(b"P").count() as u64;
-        c.pending_entities = self.inner.db.scan_prefix(b"E").count() as u64;
-        c.quarantine_keys = self.inner.db.scan_prefix(b"Q").count() as u64;
-        c.corrupt_set_aside = self.inner.db.scan_prefix(b"X").count() as u64;
-        self.inner
-            .db
+        c.pending_keys = self.db().scan_prefix(b"P").count() as u64;
+        c.pending_entities = self.db().scan_prefix(b"E").count() as u64;
+        c.quarantine_keys = self.db().scan_prefix(b"Q").count() as u64;
+        c.corrupt_set_aside = self.db().scan_prefix(b"X").count() as u64;
+        self.db()
             .insert(META_COUNTERS, record::encode(&c))
             .map_err(StoreError::storage)?;
         state.counters = c;
         Ok(())
+    }
+
+    /// When the outbox has drained (nothing in the log, pending or in flight) and the store
+    /// takes more than `threshold_bytes` on disk (and more than twice its size right after the
+    /// last rotation), rotates to a fresh store holding only what must be kept: delivered
+    /// records, tombstones, quarantine, set-aside records and meta. sled never returns freed
+    /// space to the filesystem; this is how a drained outbox shrinks back.
+    ///
+    /// Crash-safe at every step (see `recover_rotation`): the fresh copy is complete and synced
+    /// as `store.new` before the old store is renamed away. Ingest waits while the copy runs.
+    /// Returns the bytes on disk before and after, or `None` when no rotation was due.
+    pub fn shrink_if_drained(
+        &self,
+        threshold_bytes: u64,
+    ) -> Result<Option<(u64, u64)>, StoreError> {
+        let _gate = lock(&self.inner.writer_gate);
+        let state = lock(&self.inner.state);
+        if state.counters.pending_keys != 0 || !state.in_flight.is_empty() {
+            return Ok(None);
+        }
+        let db = self.db();
+        if db.scan_prefix(b"L").next().is_some() || db.scan_prefix(b"P").next().is_some() {
+            return Ok(None);
+        }
+        let before = dir_bytes(&self.inner.dir);
+        let floor = threshold_bytes.max(2 * self.inner.rotated_bytes.load(Ordering::Relaxed));
+        if before <= floor {
+            return Ok(None);
+        }
+        let data_dir = self
+            .inner
+            .dir
+            .parent()
+            .ok_or_else(|| StoreError::Other("store directory has no parent".into()))?
+            .to_path_buf();
+        let next = data_dir.join(format!("{STORE_DIR}.next"));
+        let new = data_dir.join(format!("{STORE_DIR}.new"));
+        let old = data_dir.join(format!("{STORE_DIR}.old"));
+        for leftover in [&next, &new, &old] {
+            if leftover.exists() {
+                std::fs::remove_dir_all(leftover).map_err(StoreError::storage)?;
+            }
+        }
+        let copied = {
+            let fresh = sled_config(&next, &self.inner.opts)
+                .open()
+                .map_err(StoreError::storage)?;
+            let mut batch = sled::Batch::default();
+            let mut in_batch = 0usize;
+            let mut copied = 0u64;
+            for item in db.iter() {
+                let (k, v) = item.map_err(StoreError::storage)?;
+                batch.insert(k, v);
+                in_batch += 1;
+                copied += 1;
+                if in_batch == 10_000 {
+                    fresh
+                        .apply_batch(std::mem::take(&mut batch))
+                        .map_err(StoreError::storage)?;
+                    in_batch = 0;
+                }
+            }
+            fresh.apply_batch(batch).map_err(StoreError::storage)?;
+            fresh.flush().map_err(StoreError::storage)?;
+            sync_tree_files(&next).map_err(StoreError::storage)?;
+            copied
+        };
+        sync_dir(&data_dir).map_err(StoreError::storage)?;
+        std::fs::rename(&next, &new).map_err(StoreError::storage)?;
+        sync_dir(&data_dir).map_err(StoreError::storage)?;
+        // From here the fresh copy is authoritative if we crash: recover_rotation finishes.
+        db.flush().map_err(StoreError::storage)?;
+        std::fs::rename(&self.inner.dir, &old).map_err(StoreError::storage)?;
+        std::fs::rename(&new, &self.inner.dir).map_err(StoreError::storage)?;
+        sync_dir(&data_dir).map_err(StoreError::storage)?;
+        let reopened = sled_config(&self.inner.dir, &self.inner.opts)
+            .open()
+            .map_err(StoreError::storage)?;
+        *self.inner.db.write().unwrap_or_else(|p| p.into_inner()) = reopened;
+        {
+            let mut sync = lock(&self.inner.sync);
+            sync.db_file = File::open(self.inner.dir.join("db")).ok();
+            sync.blobs_synced_upto = 0;
+        }
+        drop(state);
+        drop(db);
+        if let Err(e) = std::fs::remove_dir_all(&old) {
+            tracing::warn!(error = %e, dir = %old.display(), "old store not removed after rotation");
+        }
+        let after = self.refresh_disk_bytes();
+        self.inner.rotated_bytes.store(after, Ordering::Relaxed);
+        tracing::info!(
+            before,
+            after,
+            records = copied,
+            "drained store rotated to a fresh one"
+        );
+        Ok(Some((before, after)))
     }
 
     /// Stops accepting ingest, waits for the writer to finish its group, and makes the store
@@ -1523,14 +1521,16 @@ impl Store {
     }
 
     /// Direct access for tools and tests that need to tamper or inspect raw records.
-    pub fn raw_db(&self) -> &sled::Db {
-        &self.inner.db
+    pub fn raw_db(&self) -> sled::Db {
+        self.db()
     }
 }
 
 impl Drop for Inner {
     fn drop(&mut self) {
-        let _ = self.db.flush();
+        if let Ok(db) = self.db.read() {
+            let _ = db.flush();
+        }
     }
 }
 
@@ -2149,36 +2149,8 @@ pub fn read_tree_meta(db: &sled::Db) -> Result<TreeMeta, StoreError> {
 pub fn tree_stats(db: &sled::Db, store_dir: &Path) -> Result<Stats, StoreError> {
     let meta = read_tree_meta(db)?;
     let c = meta.counters;
-    let first_log = db
-        .scan_prefix(b"L")
-        .keys()
-        .next()
-        .and_then(|k| k.ok())
-        .and_then(|k| u64_of(&k[1..]));
-    let from_index = db
-        .scan_prefix(b"I")
-        .keys()
-        .next()
-        .and_then(|k| k.ok())
-        .and_then(|ik| ik.get(9..).and_then(keydec))
-        .and_then(|key| {
-            db.get(keyenc(b'P', &key.entity, &key.property))
-                .ok()
-                .flatten()
-        })
-        .and_then(|v| record::decode::<PendingRecord>(&v).ok())
-        .map(|p| p.pending_since_ms);
-    let from_log = db
-        .scan_prefix(b"L")
-        .values()
-        .next()
-        .and_then(|v| v.ok())
-        .and_then(|v| record::decode::<LogRecord>(&v).ok())
-        .map(|r| r.arrived_ms);
-    let oldest = match (from_index, from_log) {
-        (Some(a), Some(b)) => Some(a.min(b)),
-        (a, b) => a.or(b),
-    };
+    let first_log = first_log_seq(db);
+    let oldest = oldest_pending_in(db);
     Ok(Stats {
         pending_keys: c.pending_keys,
         pending_entities: c.pending_entities,
@@ -2360,4 +2332,92 @@ pub fn tree_folded_pending_rows(db: &sled::Db) -> Result<Vec<Row>, StoreError> {
         }
     }
     Ok(rows)
+}
+
+/// Sequence of the oldest uncompacted log record.
+fn first_log_seq(db: &sled::Db) -> Option<u64> {
+    db.scan_prefix(b"L")
+        .keys()
+        .next()
+        .and_then(|k| k.ok())
+        .and_then(|k| u64_of(&k[1..]))
+}
+
+/// Arrival time of the value that has waited longest (epoch ms), from the log or pending set.
+fn oldest_pending_in(db: &sled::Db) -> Option<u64> {
+    let from_index = db
+        .scan_prefix(b"I")
+        .keys()
+        .next()
+        .and_then(|k| k.ok())
+        .and_then(|ik| ik.get(9..).and_then(keydec))
+        .and_then(|key| {
+            db.get(keyenc(b'P', &key.entity, &key.property))
+                .ok()
+                .flatten()
+        })
+        .and_then(|v| record::decode::<PendingRecord>(&v).ok())
+        .map(|p| p.pending_since_ms);
+    let from_log = db
+        .scan_prefix(b"L")
+        .values()
+        .next()
+        .and_then(|v| v.ok())
+        .and_then(|v| record::decode::<LogRecord>(&v).ok())
+        .map(|r| r.arrived_ms);
+    match (from_index, from_log) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+fn sync_dir(dir: &Path) -> std::io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+/// fsyncs every file of a sled directory (after its own flush) and the directory itself.
+fn sync_tree_files(dir: &Path) -> std::io::Result<()> {
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        if entry.file_type()?.is_dir() {
+            sync_tree_files(&entry.path())?;
+        } else {
+            File::open(entry.path())?.sync_all()?;
+        }
+    }
+    sync_dir(dir)
+}
+
+/// Finishes or undoes a rotation a crash interrupted (see `Store::shrink_if_drained`):
+/// - `store` present: it is authoritative; leftovers of a rotation are removed.
+/// - `store` missing, `store.new` present: the crash fell between the two renames; the fresh
+///   copy (complete and synced before it got its name) becomes `store`.
+/// - `store` missing, only `store.old`: put it back.
+fn recover_rotation(data_dir: &Path) -> Result<(), StoreError> {
+    let store = data_dir.join(STORE_DIR);
+    let next = data_dir.join(format!("{STORE_DIR}.next"));
+    let new = data_dir.join(format!("{STORE_DIR}.new"));
+    let old = data_dir.join(format!("{STORE_DIR}.old"));
+    let fail = |what: &str, e: std::io::Error| {
+        StoreError::Other(format!(
+            "cannot finish an interrupted store rotation in {} ({what}): {e}",
+            data_dir.display()
+        ))
+    };
+    if !store.exists() {
+        if new.exists() {
+            tracing::warn!("finishing a store rotation interrupted by a crash");
+            std::fs::rename(&new, &store).map_err(|e| fail("rename store.new", e))?;
+        } else if old.exists() {
+            tracing::warn!("undoing a store rotation interrupted by a crash");
+            std::fs::rename(&old, &store).map_err(|e| fail("rename store.old", e))?;
+        }
+    }
+    for leftover in [&next, &new, &old] {
+        if leftover.exists() {
+            std::fs::remove_dir_all(leftover).map_err(|e| fail("remove leftover", e))?;
+        }
+    }
+    let _ = sync_dir(data_dir);
+    Ok(())
 }

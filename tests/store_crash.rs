@@ -63,7 +63,7 @@ fn child(dir: PathBuf, round: u64) -> ! {
             .unwrap(),
     )));
     // The real background compactor, woken by nobody: its idle tick drives it.
-    let (waker, _compactor) = compactor::spawn(store.clone()).unwrap();
+    let compactor = compactor::spawn(store.clone()).unwrap();
 
     for t in 0..THREADS {
         let store = store.clone();
@@ -162,7 +162,7 @@ fn child(dir: PathBuf, round: u64) -> ! {
     }
 
     std::thread::sleep(Duration::from_secs(20));
-    drop(waker);
+    drop(compactor);
     eprintln!("child was not killed");
     std::process::exit(3);
 }

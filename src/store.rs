@@ -1482,11 +1482,22 @@ impl Store {
         // From here the fresh copy is authoritative if we crash: recover_rotation finishes.
         db.flush().map_err(StoreError::storage)?;
         std::fs::rename(&self.inner.dir, &old).map_err(StoreError::storage)?;
-        std::fs::rename(&new, &self.inner.dir).map_err(StoreError::storage)?;
-        sync_dir(&data_dir).map_err(StoreError::storage)?;
+        // Any failure from here puts the live store back under its name before returning, so
+        // the handle in use and the directory a restart opens stay the same store.
+        let roll_back = |e: String| {
+            if !self.inner.dir.exists() || std::fs::rename(&self.inner.dir, &new).is_ok() {
+                let _ = std::fs::rename(&old, &self.inner.dir);
+            }
+            let _ = sync_dir(&data_dir);
+            StoreError::Storage(format!("store rotation failed, old store kept: {e}"))
+        };
+        if let Err(e) = std::fs::rename(&new, &self.inner.dir) {
+            return Err(roll_back(e.to_string()));
+        }
+        sync_dir(&data_dir).map_err(|e| roll_back(e.to_string()))?;
         let reopened = sled_config(&self.inner.dir, &self.inner.opts)
             .open()
-            .map_err(StoreError::storage)?;
+            .map_err(|e| roll_back(e.to_string()))?;
         *self.inner.db.write().unwrap_or_else(|p| p.into_inner()) = reopened;
         {
             let mut sync = lock(&self.inner.sync);

@@ -222,8 +222,20 @@ pub async fn run(
         servers.abort_all();
         while servers.join_next().await.is_some() {}
     }
-    if let Some(t) = flush_task {
-        let _ = t.await;
+    if let Some(mut t) = flush_task {
+        // The flush loop stops between batches, but a batch in flight waits for Flux up to
+        // `flux.request_timeout` (30 s by default) per request; a hung Flux must not hold the
+        // stop beyond the time the operator allowed for delivery at shutdown. Cutting a batch
+        // is safe: its keys stay pending on disk and are resent after the restart.
+        let bound = cfg.flush.final_flush_timeout.max(Duration::from_secs(1));
+        if tokio::time::timeout(bound, &mut t).await.is_err() {
+            tracing::warn!(
+                timeout_ms = bound.as_millis() as u64,
+                "delivery in flight did not finish in time; cut (it stays pending on disk)"
+            );
+            t.abort();
+            let _ = t.await;
+        }
     }
     let _ = disk_task.await;
     let _ = tokio::task::spawn_blocking(move || compactor.stop_and_join()).await;

@@ -132,14 +132,16 @@ pub fn error(status: StatusCode, message: impl Into<String>) -> Response {
     (status, Json(json!({ "error": message.into() }))).into_response()
 }
 
-/// Checks `Authorization: Bearer <token>` when a token is configured.
+/// Checks `Authorization: Bearer <token>` when a token is configured. The scheme name is
+/// case-insensitive (RFC 9110 section 11.1): clients that send `bearer` are not refused.
 pub fn authorized(headers: &HeaderMap, token: &Option<Secret>) -> bool {
     let Some(token) = token else { return true };
     headers
         .get(axum::http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .is_some_and(|given| token.matches(given.trim()))
+        .and_then(|v| v.trim_start().split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .is_some_and(|(_, given)| token.matches(given.trim()))
 }
 
 fn parse_error(metrics: &Metrics, e: ParseError) -> Response {
@@ -214,6 +216,8 @@ async fn post_updates(
     let ndjson = headers
         .get(axum::http::header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
+        .map(|v| v.trim_start().to_ascii_lowercase())
+        // Media types are case-insensitive; parameters (charset) may follow.
         .is_some_and(|v| {
             v.starts_with("application/x-ndjson") || v.starts_with("application/jsonl")
         });

@@ -573,8 +573,32 @@ async fn ingest_token_required_when_configured() {
         .await
         .unwrap();
     assert_eq!(s, 200, "{body}");
+    // The scheme name is case-insensitive.
+    let r = w
+        .http
+        .post(format!("{}/v1/updates", w.ingest))
+        .header("authorization", "bearer ingest-tok-1")
+        .header("content-type", JSON)
+        .body(json!({"entity": "scada/it/c", "properties": {"v": 3}}).to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    // A missing token is refused before the body is read: 401, not 413, for a huge body.
+    let huge = "x".repeat(20 * 1024 * 1024);
+    let m = w.metrics().await;
+    let (before, before_401) = (rejected(&m, "body_too_large"), rejected(&m, "unauthorized"));
+    match w.try_post("/v1/updates", JSON, huge, None).await {
+        Ok((s, body)) => assert_eq!(s, 401, "{body}"),
+        // The worker may answer and close before taking the whole body.
+        Err(e) => eprintln!("huge unauthenticated body: {e}"),
+    }
+    let m = w.metrics().await;
+    assert_eq!(rejected(&m, "body_too_large"), before);
+    assert_eq!(rejected(&m, "unauthorized"), before_401 + 1.0);
     wait_value(&sim, "scada/it/a", "v", &json!(1)).await;
     wait_value(&sim, "scada/it/b", "v", &json!(1)).await;
+    wait_value(&sim, "scada/it/c", "v", &json!(3)).await;
     w.stop().await;
 }
 

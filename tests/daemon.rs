@@ -493,6 +493,16 @@ async fn non_loopback_listener_without_token_refuses_to_start() {
     let (code, stdout, stderr) = check_config(&w.config_path());
     assert_eq!(code, Some(0), "{stderr}");
     assert!(stdout.contains(&format!("0.0.0.0:{port}")), "{stdout}");
+
+    // The admin listener has the same rule.
+    w.settings.set(
+        "admin.listen",
+        &toml_str(&format!("0.0.0.0:{}", free_port())),
+    );
+    w.spawn();
+    let status = w.wait_exit(DEADLINE).await;
+    assert!(!status.success());
+    assert!(w.log().contains("admin.token"), "{}", w.log());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -792,4 +802,127 @@ fn rand_u64() -> u64 {
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
     h.write_u128(Instant::now().elapsed().as_nanos());
     h.finish()
+}
+
+/// A worker delivering to a flux-sim that never answers writes (requests time out after 30 s).
+async fn worker_against_hanging_flux(final_flush: &str) -> (flux_outbox::sim::SimHandle, Worker) {
+    let sim = start_sim(SimConfig::default()).await;
+    sim.set_faults(Faults {
+        hang_rate: 1.0,
+        ..Faults::default()
+    });
+    let mut w = Worker::new(Some(&sim.url()));
+    w.settings.set("flux.request_timeout", "\"30s\"");
+    w.settings.set("flux.read_timeout", "\"30s\"");
+    w.settings
+        .set("flush.final_flush_timeout", &toml_str(final_flush));
+    w.start().await;
+    let (s, body) = w
+        .post_json(
+            "/v1/updates",
+            &json!({"entity": "scada/hang/a", "properties": {"v": 1}}),
+        )
+        .await;
+    assert_eq!(s, 200, "{body}");
+    poll(DEADLINE, "a write to hang in flux-sim", || async {
+        (sim.stats().fault_hang >= 1).then_some(())
+    })
+    .await;
+    (sim, w)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_with_flux_hanging_stops_within_the_final_flush_bound() {
+    let (sim, mut w) = worker_against_hanging_flux("1s").await;
+    let t0 = Instant::now();
+    w.sigterm();
+    // Bound: about twice final_flush_timeout (the batch in flight, then the final flush); far
+    // below the 30 s request timeout the hanging batch would otherwise wait for.
+    let status = w.wait_exit(Duration::from_secs(15)).await;
+    assert_eq!(status.code(), Some(0), "log:\n{}", w.log());
+    assert!(t0.elapsed() < Duration::from_secs(15), "{:?}", t0.elapsed());
+    sim.set_faults(Faults::default());
+    w.start().await;
+    wait_value(&sim, "scada/hang/a", "v", &json!(1)).await;
+    w.wait_drained().await;
+    w.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn second_signal_exits_at_once_and_loses_nothing() {
+    let (sim, mut w) = worker_against_hanging_flux("60s").await;
+    w.sigterm();
+    poll(DEADLINE, "the worker to start shutting down", || async {
+        w.log().contains("shutting down").then_some(())
+    })
+    .await;
+    assert!(
+        w.try_wait().is_none(),
+        "the first signal waits for the delivery in flight"
+    );
+    w.sigterm();
+    let status = w.wait_exit(Duration::from_secs(10)).await;
+    assert_eq!(status.code(), Some(130), "log:\n{}", w.log());
+    sim.set_faults(Faults::default());
+    w.start().await;
+    wait_value(&sim, "scada/hang/a", "v", &json!(1)).await;
+    w.wait_drained().await;
+    w.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_listener_and_admin_token() {
+    let sim = start_sim(SimConfig::default()).await;
+    let mut w = Worker::new(Some(&sim.url()));
+    w.single_listener();
+    w.settings.set("admin.token", &toml_str("admin-tok-9"));
+    w.admin_token = Some("admin-tok-9".into());
+    w.start().await;
+    assert_eq!(w.ingest, w.admin);
+
+    // Ingest and admin routes on the same port; the admin token guards all but /healthz.
+    let (s, body) = w
+        .post_json(
+            "/v1/updates",
+            &json!({"entity": "scada/one/a", "properties": {"v": 1}}),
+        )
+        .await;
+    assert_eq!(s, 200, "{body}");
+    wait_value(&sim, "scada/one/a", "v", &json!(1)).await;
+    let http = reqwest::Client::new();
+    for path in ["/readyz", "/metrics", "/v1/outbox/summary"] {
+        let r = http.get(format!("{}{path}", w.admin)).send().await.unwrap();
+        assert_eq!(r.status(), 401, "{path} without the admin token");
+        let r = http
+            .get(format!("{}{path}", w.admin))
+            .bearer_auth("admin-tok-9x")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 401, "{path} with a wrong admin token");
+        let (s, body) = w.admin_get(path).await;
+        assert_eq!(s, 200, "{path}: {body}");
+    }
+    let r = http
+        .get(format!("{}/healthz", w.admin))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    // The ingest routes do not need the admin token (no ingest token configured).
+    let (s, body) = w
+        .post(
+            "/v1/updates",
+            "Application/X-NDJSON; charset=utf-8",
+            format!(
+                "{}\n{}\n",
+                json!({"entity": "scada/one/b", "properties": {"v": 2}}),
+                json!({"entity": "scada/one/c", "properties": {"v": 3}})
+            ),
+        )
+        .await;
+    assert_eq!(s, 200, "media types are case-insensitive: {body}");
+    wait_value(&sim, "scada/one/c", "v", &json!(3)).await;
+    w.wait_drained().await;
+    w.stop().await;
 }

@@ -126,6 +126,10 @@ pub struct Worker {
     pub http: reqwest::Client,
     /// Ports chosen by the harness (false: the test set the listen addresses itself).
     auto_ports: bool,
+    /// One listener for ingest and admin (`admin.listen = ingest.listen`).
+    single_listener: bool,
+    /// Sent as the bearer token on admin requests (readiness included).
+    pub admin_token: Option<String>,
 }
 
 impl Worker {
@@ -152,6 +156,8 @@ impl Worker {
                 .build()
                 .unwrap(),
             auto_ports: true,
+            single_listener: false,
+            admin_token: None,
         };
         let data = w.dir.path().join("data");
         w.settings
@@ -164,8 +170,15 @@ impl Worker {
         w
     }
 
+    /// Serve ingest and admin on one listener.
+    pub fn single_listener(&mut self) {
+        self.single_listener = true;
+        self.pick_ports();
+    }
+
     fn pick_ports(&mut self) {
-        let (i, a) = (free_port(), free_port());
+        let i = free_port();
+        let a = if self.single_listener { i } else { free_port() };
         self.settings
             .set("ingest.listen", &toml_str(&format!("127.0.0.1:{i}")));
         self.settings
@@ -237,7 +250,7 @@ impl Worker {
                     }
                     panic!("worker exited before ready ({status}); its log:\n{log}");
                 }
-                if let Ok(r) = self.http.get(format!("{}/readyz", self.admin)).send().await {
+                if let Ok(r) = self.admin_request("/readyz").send().await {
                     if r.status() == 200 {
                         return;
                     }
@@ -355,11 +368,18 @@ impl Worker {
         self.post(path, "application/json", body.to_string()).await
     }
 
-    /// GET on the admin listener: (status, body text).
+    fn admin_request(&self, path: &str) -> reqwest::RequestBuilder {
+        let req = self.http.get(format!("{}{path}", self.admin));
+        match &self.admin_token {
+            Some(t) => req.bearer_auth(t),
+            None => req,
+        }
+    }
+
+    /// GET on the admin listener (with the admin token if set): (status, body text).
     pub async fn admin_get(&self, path: &str) -> (u16, String) {
         let r = self
-            .http
-            .get(format!("{}{path}", self.admin))
+            .admin_request(path)
             .send()
             .await
             .unwrap_or_else(|e| panic!("GET {path} failed: {e}"));

@@ -670,9 +670,15 @@ async fn health_readiness_and_metrics() {
     sim.set_faults(Faults::default());
     wait_value(&sim, "scada/m/b", "w", &json!(3)).await;
     w.wait_drained().await;
-    let m = w.metrics().await;
-    assert_eq!(metric(&m, "flux_outbox_pending_keys"), 0.0, "{m}");
-    assert_eq!(metric(&m, "flux_outbox_link_up"), 1.0, "{m}");
+    // The flusher marks the link up after it has settled the batch: poll, do not race it.
+    poll(DEADLINE, "metrics to show the link up again", || async {
+        let m = w.metrics().await;
+        (metric(&m, "flux_outbox_link_up") == 1.0
+            && metric(&m, "flux_outbox_link_state{state=\"up\"}") == 1.0)
+            .then_some(())
+    })
+    .await;
+    assert_eq!(metric(&w.metrics().await, "flux_outbox_pending_keys"), 0.0);
     w.stop().await;
 }
 

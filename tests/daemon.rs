@@ -298,7 +298,7 @@ async fn sigterm_under_load_loses_nothing() {
     poll(
         DEADLINE,
         "the feeders to get 30 requests acknowledged",
-        || async { (acked.load(Ordering::SeqCst) >= 30).then_some(()) },
+        || async { (acked.load(Ordering::SeqCst) >= 60).then_some(()) },
     )
     .await;
     w.sigterm();
@@ -317,6 +317,13 @@ async fn sigterm_under_load_loses_nothing() {
         all.push(f.await.unwrap());
     }
     for (id, outcomes) in all.iter().enumerate() {
+        let count = |f: fn(&Outcome) -> bool| outcomes.iter().filter(|o| f(o)).count();
+        eprintln!(
+            "feeder {id}: {} acknowledged, {} refused with 503, {} connection errors",
+            count(|o| matches!(o, Outcome::Acked)),
+            count(|o| matches!(o, Outcome::Refused503)),
+            count(|o| matches!(o, Outcome::ConnError)),
+        );
         // Once a feeder saw shutdown (503 or connection error), nothing was acknowledged again.
         let first_fail = outcomes
             .iter()

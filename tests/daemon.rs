@@ -297,7 +297,7 @@ async fn sigterm_under_load_loses_nothing() {
     // Let load build up (and some deliveries happen), then SIGTERM in the middle of it.
     poll(
         DEADLINE,
-        "the feeders to get 30 requests acknowledged",
+        "the feeders to get 60 requests acknowledged",
         || async { (acked.load(Ordering::SeqCst) >= 60).then_some(()) },
     )
     .await;

@@ -19,6 +19,9 @@ use crate::merge::ConflictPolicy;
 use crate::metrics::Metrics;
 use crate::store::{Durability, Store, StoreOptions};
 
+/// Longest the worker waits at shutdown for requests in flight to finish.
+const SERVER_DRAIN_MAX: Duration = Duration::from_secs(10);
+
 /// Why the worker could not start (the process exits non-zero with this message).
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -219,9 +222,35 @@ pub async fn run(
     tracing::info!("shutting down: refusing new updates, finishing requests in flight");
     state.shutting_down.store(true, Ordering::SeqCst);
     let _ = stop_tx.send(true);
-    while servers.join_next().await.is_some() {}
-    if let Some(t) = flush_task {
-        let _ = t.await;
+    // Graceful shutdown waits for every open connection; a producer that never finishes its
+    // request body (or a stuck admin scrape) must not keep the worker from stopping. Requests
+    // cut here were not acknowledged, so cutting them loses nothing that was promised.
+    let drained = tokio::time::timeout(SERVER_DRAIN_MAX, async {
+        while servers.join_next().await.is_some() {}
+    })
+    .await;
+    if drained.is_err() {
+        tracing::warn!(
+            timeout_s = SERVER_DRAIN_MAX.as_secs(),
+            "requests still open at shutdown were cut (not acknowledged)"
+        );
+        servers.abort_all();
+        while servers.join_next().await.is_some() {}
+    }
+    if let Some(mut t) = flush_task {
+        // The flush loop stops between batches, but a batch in flight waits for Flux up to
+        // `flux.request_timeout` (30 s by default) per request; a hung Flux must not hold the
+        // stop beyond the time the operator allowed for delivery at shutdown. Cutting a batch
+        // is safe: its keys stay pending on disk and are resent after the restart.
+        let bound = cfg.flush.final_flush_timeout.max(Duration::from_secs(1));
+        if tokio::time::timeout(bound, &mut t).await.is_err() {
+            tracing::warn!(
+                timeout_ms = bound.as_millis() as u64,
+                "delivery in flight did not finish in time; cut (it stays pending on disk)"
+            );
+            t.abort();
+            let _ = t.await;
+        }
     }
     let _ = disk_task.await;
     let _ = tokio::task::spawn_blocking(move || compactor.stop_and_join()).await;

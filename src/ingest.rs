@@ -15,11 +15,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use axum::body::Bytes;
-use axum::extract::{DefaultBodyLimit, State};
+use axum::extract::rejection::BytesRejection;
+use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::{HeaderMap, StatusCode};
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
-use axum::{Json, Router};
+use axum::{Extension, Json, Router};
 use serde_json::json;
 
 use crate::compactor::Waker;
@@ -45,45 +47,39 @@ pub struct AppState {
     pub gateway_id: String,
 }
 
+/// `ingest.body_bytes_max`, for the 413 answer's message.
+#[derive(Clone, Copy)]
+struct BodyLimit(usize);
+
 pub fn router(state: Arc<AppState>, body_bytes_max: usize) -> Router {
     Router::new()
         .route("/v1/updates", post(post_updates))
         .route("/api/events", post(post_flux_single))
         .route("/api/events/batch", post(post_flux_batch))
         .layer(DefaultBodyLimit::max(body_bytes_max))
+        .layer(Extension(BodyLimit(body_bytes_max)))
+        // Outermost: runs before the body is read, so an unauthenticated client (or any client
+        // while shutting down) cannot make the worker buffer up to `body_bytes_max`, and is
+        // told 401/503 rather than 413.
+        .layer(middleware::from_fn_with_state(state.clone(), gate))
         .with_state(state)
 }
 
-/// An error answer: status and a JSON body `{"error": "..."}` (Flux's shape, for both APIs).
-pub fn error(status: StatusCode, message: impl Into<String>) -> Response {
-    (status, Json(json!({ "error": message.into() }))).into_response()
-}
-
-/// Checks `Authorization: Bearer <token>` when a token is configured.
-pub fn authorized(headers: &HeaderMap, token: &Option<Secret>) -> bool {
-    let Some(token) = token else { return true };
-    headers
-        .get(axum::http::header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .is_some_and(|given| token.matches(given.trim()))
-}
-
-fn parse_error(metrics: &Metrics, e: ParseError) -> Response {
-    metrics.reject(e.code, 1);
-    error(StatusCode::BAD_REQUEST, e.to_string())
-}
-
-/// Common path of all three endpoints: checks, durable ingest, error mapping.
-async fn accept(
-    state: &AppState,
-    headers: &HeaderMap,
-    parse: impl FnOnce() -> Result<Vec<Update>, ParseError>,
-) -> Result<(Vec<Update>, u64), Response> {
+/// Counts the request and refuses it before its body is read when shutting down or when the
+/// ingest token is missing or wrong.
+async fn gate(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
     state
         .metrics
         .ingest_requests
         .fetch_add(1, Ordering::Relaxed);
+    if let Err(r) = admission(&state, req.headers()) {
+        return r;
+    }
+    next.run(req).await
+}
+
+/// The checks that do not need the body: shutting down (503), ingest token (401).
+fn admission(state: &AppState, headers: &HeaderMap) -> Result<(), Response> {
     if state.shutting_down.load(Ordering::SeqCst) {
         state.metrics.reject("shutting_down", 1);
         return Err(error(
@@ -98,16 +94,90 @@ async fn accept(
             "missing or wrong ingest token (Authorization: Bearer <token>)",
         ));
     }
-    let updates = parse().map_err(|e| parse_error(&state.metrics, e))?;
+    Ok(())
+}
+
+/// The body, or the answer for a body that could not be read: axum's own rejection is
+/// text/plain and uncounted, while both APIs promise `{"error": ...}` and every refusal is
+/// counted by reason.
+fn body_or_error(
+    state: &AppState,
+    limit: BodyLimit,
+    body: Result<Bytes, BytesRejection>,
+) -> Result<Bytes, Response> {
+    match body {
+        Ok(b) => Ok(b),
+        Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
+            state.metrics.reject("body_too_large", 1);
+            Err(error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!(
+                    "the request body is over the limit of {} bytes (ingest.body_bytes_max); split it into smaller requests; nothing of it was stored",
+                    limit.0
+                ),
+            ))
+        }
+        Err(e) => {
+            state.metrics.reject("bad_body", 1);
+            Err(error(
+                e.status(),
+                format!("cannot read the request body: {}", e.body_text()),
+            ))
+        }
+    }
+}
+
+/// An error answer: status and a JSON body `{"error": "..."}` (Flux's shape, for both APIs).
+pub fn error(status: StatusCode, message: impl Into<String>) -> Response {
+    (status, Json(json!({ "error": message.into() }))).into_response()
+}
+
+/// Checks `Authorization: Bearer <token>` when a token is configured. The scheme name is
+/// case-insensitive (RFC 9110 section 11.1): clients that send `bearer` are not refused.
+pub fn authorized(headers: &HeaderMap, token: &Option<Secret>) -> bool {
+    let Some(token) = token else { return true };
+    headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim_start().split_once(' '))
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .is_some_and(|(_, given)| token.matches(given.trim()))
+}
+
+fn parse_error(metrics: &Metrics, e: ParseError) -> Response {
+    metrics.reject(e.code, 1);
+    error(StatusCode::BAD_REQUEST, e.to_string())
+}
+
+/// What a success answer needs of the accepted updates (their streams, in order), kept so the
+/// updates themselves can move into the store without a copy.
+type Accepted = Vec<Option<String>>;
+
+/// Common path of all three endpoints: checks, durable ingest, error mapping. Returns the
+/// stream of each accepted update and the sequence number of the last one.
+async fn accept(
+    state: &AppState,
+    headers: &HeaderMap,
+    limit: BodyLimit,
+    body: Result<Bytes, BytesRejection>,
+    parse: impl FnOnce(&[u8]) -> Result<Vec<Update>, ParseError>,
+) -> Result<(Accepted, u64), Response> {
+    // Checked again after the body arrived: shutdown may have begun while it was uploading,
+    // and an update must not be acknowledged once the worker has started to stop.
+    admission(state, headers)?;
+    let body = body_or_error(state, limit, body)?;
+    let updates = parse(&body).map_err(|e| parse_error(&state.metrics, e))?;
+    drop(body);
     let n = updates.len() as u64;
-    match state.store.ingest(updates.clone()).await {
+    let streams: Accepted = updates.iter().map(|u| u.stream.clone()).collect();
+    match state.store.ingest(updates).await {
         Ok(ack) => {
             state
                 .metrics
                 .ingest_updates_accepted
                 .fetch_add(n, Ordering::Relaxed);
             state.compactor.wake();
-            Ok((updates, ack.seq))
+            Ok((streams, ack.seq))
         }
         Err(e) => Err(store_error(&state.metrics, e, n)),
     }
@@ -139,22 +209,25 @@ pub fn store_error(metrics: &Metrics, e: StoreError, n: u64) -> Response {
 
 async fn post_updates(
     State(state): State<Arc<AppState>>,
+    Extension(limit): Extension<BodyLimit>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> Response {
     let ndjson = headers
         .get(axum::http::header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
+        .map(|v| v.trim_start().to_ascii_lowercase())
+        // Media types are case-insensitive; parameters (charset) may follow.
         .is_some_and(|v| {
             v.starts_with("application/x-ndjson") || v.starts_with("application/jsonl")
         });
-    match accept(&state, &headers, || {
-        ingest_parse::parse_native(&body, ndjson, now_ms(), &state.rules)
+    match accept(&state, &headers, limit, body, |b| {
+        ingest_parse::parse_native(b, ndjson, now_ms(), &state.rules)
     })
     .await
     {
-        Ok((updates, seq)) => {
-            Json(json!({ "accepted": updates.len(), "seq": seq })).into_response()
+        Ok((streams, seq)) => {
+            Json(json!({ "accepted": streams.len(), "seq": seq })).into_response()
         }
         Err(r) => r,
     }
@@ -166,18 +239,20 @@ fn flux_event_id(seq: u64, gateway: &str) -> String {
 
 async fn post_flux_single(
     State(state): State<Arc<AppState>>,
+    Extension(limit): Extension<BodyLimit>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    match accept(&state, &headers, || {
-        ingest_parse::parse_flux_single(&body, &state.rules)
+    match accept(&state, &headers, limit, body, |b| {
+        ingest_parse::parse_flux_single(b, &state.rules)
     })
     .await
     {
-        Ok((updates, seq)) => {
-            let stream = updates
-                .first()
-                .and_then(|u| u.stream.clone())
+        Ok((streams, seq)) => {
+            let stream = streams
+                .into_iter()
+                .next()
+                .flatten()
                 .unwrap_or_else(|| state.default_stream.clone());
             Json(json!({ "eventId": flux_event_id(seq, &state.gateway_id), "stream": stream }))
                 .into_response()
@@ -188,24 +263,26 @@ async fn post_flux_single(
 
 async fn post_flux_batch(
     State(state): State<Arc<AppState>>,
+    Extension(limit): Extension<BodyLimit>,
     headers: HeaderMap,
-    body: Bytes,
+    body: Result<Bytes, BytesRejection>,
 ) -> Response {
-    match accept(&state, &headers, || {
-        ingest_parse::parse_flux_batch(&body, &state.rules)
+    match accept(&state, &headers, limit, body, |b| {
+        ingest_parse::parse_flux_batch(b, &state.rules)
     })
     .await
     {
-        Ok((updates, last_seq)) => {
-            let n = updates.len() as u64;
-            let first = last_seq + 1 - n;
-            let results: Vec<_> = updates
-                .iter()
+        Ok((streams, last_seq)) => {
+            let n = streams.len() as u64;
+            // The store numbers the updates of one request consecutively, ending at last_seq.
+            let first = (last_seq + 1).saturating_sub(n);
+            let results: Vec<_> = streams
+                .into_iter()
                 .enumerate()
-                .map(|(i, u)| {
+                .map(|(i, stream)| {
                     json!({
                         "eventId": flux_event_id(first + i as u64, &state.gateway_id),
-                        "stream": u.stream.clone().unwrap_or_else(|| state.default_stream.clone()),
+                        "stream": stream.unwrap_or_else(|| state.default_stream.clone()),
                         "error": null,
                     })
                 })

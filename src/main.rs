@@ -97,13 +97,15 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
-            let result = rt.block_on(flux_outbox::app::run(
-                cfg,
-                flux_outbox::signals::shutdown_signal(),
-                |r| {
-                    flux_outbox::signals::notify_ready(r);
-                },
-            ));
+            // Signal handlers go in before anything else runs, so a SIGTERM during start-up
+            // is a graceful shutdown, not an abrupt death (see `shutdown_signal`).
+            let shutdown = {
+                let _in_runtime = rt.enter();
+                flux_outbox::signals::shutdown_signal()
+            };
+            let result = rt.block_on(flux_outbox::app::run(cfg, shutdown, |r| {
+                flux_outbox::signals::notify_ready(r);
+            }));
             match result {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {

@@ -429,11 +429,8 @@ impl Flusher {
         // 1. Read Flux's current state of every entity (bounded concurrency).
         let remote: HashMap<String, Option<crate::flux_client::EntityState>> =
             if self.opts.merge == MergeMode::ReadMergeWrite {
-                let ids: Vec<String> = events
-                    .iter()
-                    .filter(|e| !e.delete)
-                    .map(|e| e.entity.clone())
-                    .collect();
+                // Deletes are read too: see `survivors_of_delete`.
+                let ids: Vec<String> = events.iter().map(|e| e.entity.clone()).collect();
                 let reads = stream::iter(ids.into_iter().map(|id| async move {
                     let r = self.client.get_entity(&id).await;
                     (id, r)
@@ -562,6 +559,11 @@ impl Flusher {
             for (name, v) in &props {
                 sent.insert(PropKey::new(ev.entity.clone(), name.clone()), v.clone());
             }
+            let (survivors, survivors_ts) = if ev.delete {
+                self.survivors_of_delete(ev, state.and_then(|s| s.as_ref()))
+            } else {
+                (Map::new(), 0)
+            };
             for props in self.split_for_size(ev, props) {
                 let event = self.make_event(ev, props.clone());
                 match event.validate() {
@@ -576,11 +578,75 @@ impl Flusher {
                     }
                 }
             }
+            if !survivors.is_empty() {
+                // Right after the delete in the same batch (Flux applies a batch in order; a
+                // split keeps the order). It carries no claimed key, so it settles nothing;
+                // convergence checks that the survivors made it.
+                let mut event = self.make_event(ev, survivors.clone());
+                event.timestamp_ms = survivors_ts.max(1);
+                event.event_id = event.event_id.map(|id| format!("{id}-survivors"));
+                planned.push((event, ev, survivors));
+            }
         }
         if planned.is_empty() {
             return LinkVerdict::Ok;
         }
         self.send_planned(&planned, out).await
+    }
+
+    /// Properties that an entity delete must not wipe: Flux deletes the whole entity, but a
+    /// property this worker delivered with a NEWER version than the delete (the delete's source
+    /// timestamp is older; it arrived late) must survive it (newest wins per key). Those still
+    /// holding exactly what was delivered are re-sent right after the delete, and the entity is
+    /// watched by convergence in case only the delete lands.
+    fn survivors_of_delete(
+        &self,
+        ev: &ClaimedEvent,
+        state: Option<&crate::flux_client::EntityState>,
+    ) -> (Map<String, Value>, u64) {
+        let (Some(state), Some(del)) = (state, ev.props.first()) else {
+            return (Map::new(), 0);
+        };
+        let mut out = Map::new();
+        let mut expected = HashMap::new();
+        for (name, value) in &state.properties {
+            let key = PropKey::new(ev.entity.clone(), name.clone());
+            let Ok(Some(d)) = self.store.delivered(&key) else {
+                continue;
+            };
+            let version = Version {
+                ts_ms: d.ts_ms,
+                seq: d.seq,
+            };
+            if version > del.version && d.value_hash == value_hash(value) {
+                out.insert(name.clone(), value.clone());
+                expected.insert(
+                    name.clone(),
+                    Expected {
+                        value: value.clone(),
+                        hash: d.value_hash,
+                        version,
+                        stream: None,
+                        source: None,
+                    },
+                );
+            }
+        }
+        let ts = expected
+            .values()
+            .map(|e| e.version.ts_ms)
+            .max()
+            .unwrap_or(0);
+        if !expected.is_empty() {
+            tracing::info!(entity = %ev.entity, properties = expected.len(),
+                "delete is older than delivered properties: re-sending them after it");
+            let mut suspects = self.suspects.lock().unwrap_or_else(|p| p.into_inner());
+            let sus = suspects.entry(ev.entity.clone()).or_default();
+            self.arm(sus, Instant::now());
+            sus.unknown_delete = true;
+            sus.expected.extend(expected);
+        }
+        (out, ts)
     }
 
     /// The Flux event for some properties of a claimed event: `timestamp` is the newest source

@@ -135,7 +135,7 @@ async fn every_fault_then_healed_converges_to_newest() {
         in_flight_max: 2,
         ..fast_opts()
     };
-    let mut rig = Rig::new(client(&sim.url(), None, Duration::from_millis(400)), opts);
+    let mut rig = Rig::new(client(&sim.url(), None, Duration::from_millis(800)), opts);
     rig.run();
     let mut rng = rand::rngs::StdRng::seed_from_u64(42);
     let mut oracle = Oracle {
@@ -201,6 +201,17 @@ async fn every_fault_then_healed_converges_to_newest() {
     );
     assert!(s1.events_applied_late > 0, "{s1:?}");
 
+    let answers_lost = |rig: &Rig| {
+        rig.metrics
+            .batches
+            .lock()
+            .unwrap()
+            .get("unknown")
+            .copied()
+            .unwrap_or(0)
+            + rig.metrics.events_count("unknown")
+    };
+    let lost_before_2 = answers_lost(&rig);
     // Phase 2: per-event validation failures (rejected for good), with 429s and latency.
     sim.set_faults(Faults {
         validation_fail_rate: 0.04,
@@ -213,6 +224,9 @@ async fn every_fault_then_healed_converges_to_newest() {
     ingest_paced(&rig, &mut oracle, ups, 20, Duration::from_millis(5)).await;
     rig.wait_drained(Duration::from_secs(30)).await;
     sim.set_faults(Faults::default());
+    // On a loaded machine a phase-2 request can still time out: the sim then rejected events
+    // whose answer the worker never saw (it re-reads and re-sends them instead).
+    let phase2_all_answered = answers_lost(&rig) == lost_before_2;
     let quarantined_after_2: Vec<_> = rig.store.quarantine_rows(None, usize::MAX).expect("q");
     assert!(
         !quarantined_after_2.is_empty(),
@@ -312,12 +326,17 @@ async fn every_fault_then_healed_converges_to_newest() {
 
     // Quarantine holds exactly what flux-sim rejected as invalid: one quarantined event per
     // rejection, every row carrying Flux's reason and the 200 it came in.
+    // Every quarantined event is one flux-sim rejected; when every answer arrived, every
+    // rejection is quarantined too.
     let s = sim.stats();
-    assert_eq!(
-        rig.metrics.events_count("invalid"),
-        s.events_validation_failed,
-        "quarantined events vs events flux-sim rejected: {s:?}"
+    let quarantined_events = rig.metrics.events_count("invalid");
+    assert!(
+        quarantined_events <= s.events_validation_failed,
+        "{quarantined_events} vs {s:?}"
     );
+    if phase2_all_answered {
+        assert_eq!(quarantined_events, s.events_validation_failed, "{s:?}");
+    }
     for r in rig.store.quarantine_rows(None, usize::MAX).expect("q") {
         let reason = r.reason.clone().unwrap_or_default();
         assert!(reason.contains("simulated validation failure"), "{r:?}");

@@ -9,12 +9,37 @@
 //! - Token problems (401/403, `authorization failed` with no success in the same answer) never
 //!   quarantine: the worker pauses at the slow backoff and reports the link as `auth_failed`.
 //! - An unknown outcome (500, `publish failed`, timeouts, resets) keeps the key, backs off with
-//!   jitter, and marks the key suspect: Flux may still apply that write late. After the key is
-//!   delivered, the worker reads it back over the convergence window and re-sends the newest
-//!   value if a late write rolled Flux back.
-//! - At most `in_flight_max` batches are in flight; the store never hands one entity to two.
+//!   jitter, and marks the ENTITY suspect: Flux may still apply that write late (see
+//!   "Convergence" below).
+//! - At most `in_flight_max` batches are in flight; the store never hands one entity to two. A
+//!   claim is always settled or released, also when the sending task is cancelled or panics
+//!   ([`ClaimGuard`]).
+//! - An event carries only the properties being written; its `timestamp` is the newest source
+//!   timestamp among THOSE properties and its `eventId` names the outbox versions it carries.
+//!   An event Flux would refuse for its size is split by property before sending; a single
+//!   property too large for Flux is quarantined (413) without sending (Flux would answer
+//!   `publish failed`, an unknown outcome, forever).
+//!
+//! # Convergence (durability contract 5)
+//! A late write is an OLD event that Flux applies after newer ones: it rolls properties back
+//! (set event) or wipes newer properties (delete event). For every entity with an unknown
+//! outcome the worker remembers, for the convergence window: the hashes of the values it sent
+//! with an unknown outcome per property (what a late write can put back), whether a delete had an
+//! unknown outcome, and what it delivered since (newest per property; a delivered delete clears
+//! older ones). It reads the entity back on a schedule (first soon after, then doubling, and once
+//! more at the end of the window) and repairs only what provably is its own late write: a
+//! property holding a value this worker sent with an unknown outcome, or a property wiped by its
+//! own unknown delete, gets its delivered value re-sent; a property resurrected after a
+//! delivered delete gets the delete re-sent followed by everything delivered since. A difference
+//! that is not its own late write belongs to another writer and is left to the conflict rules.
+//! Repairs are sent directly (never re-ingested with a forged version, which could beat a newer
+//! value of the same timestamp and which the conflict rules would mistake for another writer)
+//! and only between drains, so they never overlap a claimed write of the same entity; a key with
+//! a newer pending value is left to the normal flush. Suspects live in memory; after a restart,
+//! pending keys whose last attempt had an unknown outcome are suspect again (any difference is
+//! then treated as a late write, since the sent values are no longer known).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -27,8 +52,8 @@ use crate::flux_client::{
 };
 use crate::merge::{self, ConflictPolicy, Delivered, MergeOptions, PropertyWrite, Remote};
 use crate::metrics::{LinkState, Metrics};
-use crate::model::{now_ms, value_hash, PropKey, Update, UpdateOp};
-use crate::store::{Claim, ClaimLimits, ClaimedEvent, Outcome, Settlement, Store};
+use crate::model::{now_ms, value_hash, PropKey, Version, DELETE_PROPERTY, EVENT_BYTES_MAX};
+use crate::store::{Claim, ClaimLimits, ClaimedEvent, ClaimedProp, Outcome, Settlement, Store};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum MergeMode {
@@ -54,6 +79,10 @@ pub struct FlushOptions {
     pub source: String,
     /// How long after an unknown outcome a delivered key is still read back.
     pub convergence_window: Duration,
+    /// First read-back of a suspect entity after this; the interval doubles up to the window.
+    pub convergence_check_initial: Duration,
+    /// Seed for the back-off jitter (tests); `None`: from entropy.
+    pub backoff_seed: Option<u64>,
 }
 
 impl Default for FlushOptions {
@@ -73,16 +102,81 @@ impl Default for FlushOptions {
             stream: "scada".into(),
             source: "flux-outbox".into(),
             convergence_window: Duration::from_secs(600),
+            convergence_check_initial: Duration::from_millis(250),
+            backoff_seed: None,
         }
     }
 }
 
-/// A key whose write had an unknown outcome: Flux may apply that older write later.
+/// What this worker last put into Flux for one property of a suspect entity.
 #[derive(Clone, Debug)]
+struct Expected {
+    /// The value as sent (merged where read-merge-write merged), or Flux's own value for a no-op.
+    value: Value,
+    hash: u64,
+    version: Version,
+    stream: Option<String>,
+    source: Option<String>,
+}
+
+/// An entity with at least one write of unknown outcome: Flux may apply that write late.
+#[derive(Clone, Debug, Default)]
 struct Suspect {
-    /// The newest value delivered for the key since (what Flux must end up holding).
-    delivered: Option<(Value, u64, u64)>, // (value, ts_ms, seq)
-    until: Instant,
+    /// Per property, hashes of values sent with an unknown outcome.
+    unknown_hashes: HashMap<String, HashSet<u64>>,
+    /// A delete of the entity had an unknown outcome.
+    unknown_delete: bool,
+    /// Restored after a restart: the sent values are unknown, any difference counts as ours.
+    unknown_any: bool,
+    /// Delivered since the entity became suspect, newest per property.
+    expected: HashMap<String, Expected>,
+    /// The newest delete delivered since the entity became suspect.
+    deleted: Option<Expected>,
+    until: Option<Instant>,
+    next_check: Option<Instant>,
+    check_every: Duration,
+}
+
+/// Most suspect entities remembered (bounds memory during a long outage); past it the ones whose
+/// window ends first are dropped, loudly.
+const SUSPECTS_MAX: usize = 100_000;
+/// Most suspect entities read back per pass (bounds the time a pass delays the next drain).
+const CONVERGE_READS_PER_PASS: usize = 64;
+
+/// Owns a claim until it is settled: dropping it unsettled (the task was cancelled, e.g. by the
+/// final flush timeout, or panicked) releases the entities so they can be claimed again;
+/// otherwise they would stay "in flight" until the process restarts.
+pub struct ClaimGuard {
+    store: Store,
+    claim: Option<Claim>,
+}
+
+impl ClaimGuard {
+    fn new(store: Store, claim: Claim) -> Self {
+        ClaimGuard {
+            store,
+            claim: Some(claim),
+        }
+    }
+    fn claim(&self) -> &Claim {
+        // Only `settled` takes the claim, and it consumes the guard.
+        self.claim.as_ref().expect("claim present until settled")
+    }
+    fn settled(mut self) {
+        self.claim = None;
+    }
+}
+
+impl Drop for ClaimGuard {
+    fn drop(&mut self) {
+        if let Some(claim) = self.claim.take() {
+            tracing::warn!(
+                events = claim.events.len(),
+                "flush cancelled before settling: releasing the claim, keys stay pending"
+            );
+            self.store.release(&claim);
+        }
+    }
 }
 
 /// What one batch attempt concluded about the link.
@@ -103,7 +197,7 @@ pub struct Flusher {
     metrics: Arc<Metrics>,
     merge_opts: MergeOptions,
     limiter: Option<RateLimiter>,
-    suspects: std::sync::Mutex<HashMap<PropKey, Suspect>>,
+    suspects: std::sync::Mutex<HashMap<String, Suspect>>,
 }
 
 impl Flusher {
@@ -121,7 +215,7 @@ impl Flusher {
         let limiter = (opts.events_per_minute_max > 0).then(|| {
             RateLimiter::per_minute(opts.events_per_minute_max, opts.batch_events_max as u32)
         });
-        Arc::new(Flusher {
+        let flusher = Flusher {
             store,
             client,
             opts,
@@ -129,11 +223,51 @@ impl Flusher {
             merge_opts,
             limiter,
             suspects: Default::default(),
-        })
+        };
+        flusher.restore_suspects();
+        Arc::new(flusher)
     }
 
-    /// Runs until `shutdown` turns true, then makes one last bounded pass (the caller bounds it
-    /// with a timeout) and returns.
+    /// After a restart the in-memory suspects are gone, but a pending key whose last attempt had
+    /// an unknown outcome says its entity may still get a late write: watch it again.
+    fn restore_suspects(&self) {
+        const RESTORE_SCAN_MAX: usize = 100_000;
+        let rows = match self.store.pending_rows(None, None, RESTORE_SCAN_MAX) {
+            Ok(rows) => rows,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot list pending keys to restore suspects");
+                return;
+            }
+        };
+        let mut suspects = self.suspects.lock().unwrap_or_else(|p| p.into_inner());
+        for r in rows {
+            if r.last_error
+                .as_deref()
+                .is_some_and(|e| e.starts_with(SUSPECT_TAG))
+            {
+                let s = suspects.entry(r.entity.clone()).or_default();
+                s.unknown_any = true;
+            }
+        }
+        let now = Instant::now();
+        for s in suspects.values_mut() {
+            self.arm(s, now);
+        }
+    }
+
+    /// (Re)starts an entity's convergence window and read-back schedule.
+    fn arm(&self, s: &mut Suspect, now: Instant) {
+        s.until = Some(now + self.opts.convergence_window);
+        s.check_every = self.opts.convergence_check_initial;
+        s.next_check = Some(now + self.opts.convergence_check_initial);
+    }
+
+    /// Runs until `shutdown` turns true, then returns (the caller runs one last bounded
+    /// `drain_once`).
+    ///
+    /// Trigger: a drain starts when `interval` has passed since the last one, when a full batch
+    /// of keys is pending, or right after a back-off delay (the back-off, not the interval, then
+    /// decides when failed keys are tried again).
     pub async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
         let mut backoff = Backoff::new(
             self.opts.backoff_initial,
@@ -141,27 +275,33 @@ impl Flusher {
             2.0,
             Jitter::Full,
         );
+        if let Some(seed) = self.opts.backoff_seed {
+            backoff = backoff.with_seed(seed);
+        }
         let mut last_flush = Instant::now();
+        let mut retry_due = false;
         let poll = Duration::from_millis(50).min(self.opts.interval);
         loop {
             if *shutdown.borrow() {
                 return;
             }
             let stats = self.store.stats();
-            let due = last_flush.elapsed() >= self.opts.interval
+            let due = retry_due
+                || last_flush.elapsed() >= self.opts.interval
                 || stats.pending_keys >= self.opts.batch_events_max as u64;
             if due && stats.pending_keys > 0 {
                 last_flush = Instant::now();
+                retry_due = false;
+                let delivered_before = stats.delivered;
                 match self.drain_once().await {
                     LinkVerdict::Ok => backoff.reset(),
                     verdict => {
-                        let delay = match verdict {
-                            LinkVerdict::Auth => self.opts.backoff_max,
-                            LinkVerdict::RateLimited(Some(d)) => {
-                                d.min(self.opts.backoff_max.max(Duration::from_secs(60)))
-                            }
-                            _ => backoff.next_delay(),
-                        };
+                        // Progress in this drain means the link works: a few unknown events
+                        // among many delivered ones must not push the worker to the slow cap.
+                        if self.store.stats().delivered > delivered_before {
+                            backoff.reset();
+                        }
+                        let delay = backoff_delay(verdict, &mut backoff, &self.opts);
                         tracing::warn!(
                             delay_ms = delay.as_millis() as u64,
                             ?verdict,
@@ -171,6 +311,7 @@ impl Flusher {
                             _ = tokio::time::sleep(delay) => {}
                             _ = shutdown.changed() => {}
                         }
+                        retry_due = true;
                         continue;
                     }
                 }
@@ -206,7 +347,8 @@ impl Flusher {
                     }
                 };
                 let me = self.clone();
-                tasks.spawn(async move { me.send_claim(claim).await });
+                let guard = ClaimGuard::new(self.store.clone(), claim);
+                tasks.spawn(async move { me.send_claim(guard).await });
             }
             match tasks.join_next().await {
                 Some(Ok(v)) => {
@@ -223,23 +365,26 @@ impl Flusher {
         }
     }
 
-    /// Sends one claim and settles every key in it. Never returns with keys unsettled.
-    async fn send_claim(self: Arc<Self>, claim: Claim) -> LinkVerdict {
+    /// Sends one claim and settles every key in it. Never returns with keys unsettled; if the
+    /// task is cancelled or panics, the guard releases the claim.
+    async fn send_claim(self: Arc<Self>, guard: ClaimGuard) -> LinkVerdict {
         let started = Instant::now();
         let mut settlements = Vec::new();
-        let verdict = self.process(&claim.events, &mut settlements).await;
+        let mut sent = HashMap::new();
+        let events = &guard.claim().events;
+        let verdict = self.process(events, &mut settlements, &mut sent).await;
         self.metrics.observe_flush(started.elapsed().as_secs_f64());
         let delivered_any = settlements
             .iter()
             .any(|s| matches!(s.outcome, Outcome::Delivered { .. }));
-        self.track_suspects(&settlements);
+        self.track_suspects(&settlements, &sent);
         // Every claimed key gets a settlement; anything the code above missed is retried.
-        let settled: std::collections::HashSet<PropKey> =
-            settlements.iter().map(|s| s.key.clone()).collect();
-        for ev in &claim.events {
+        let settled: HashSet<PropKey> = settlements.iter().map(|s| s.key.clone()).collect();
+        for ev in events {
             for p in &ev.props {
                 let key = PropKey::new(ev.entity.clone(), p.name.clone());
                 if !settled.contains(&key) {
+                    tracing::error!(entity = %ev.entity, property = %p.name, "claimed key got no settlement: kept pending");
                     settlements.push(Settlement {
                         key,
                         sent: p.pending.clone(),
@@ -250,9 +395,13 @@ impl Flusher {
                 }
             }
         }
-        if let Err(e) = self.store.settle(settlements) {
-            tracing::error!(error = %e, "settle failed; the batch will be resent");
-            self.store.release(&claim);
+        match self.store.settle(settlements) {
+            Ok(()) => guard.settled(),
+            Err(e) => {
+                // Dropping the guard releases the claim: the batch will be resent.
+                tracing::error!(error = %e, "settle failed; the batch will be resent");
+                drop(guard);
+            }
         }
         if delivered_any {
             self.metrics
@@ -269,15 +418,19 @@ impl Flusher {
     }
 
     /// Plans (read-merge-write), sends, and splits on whole-batch rejections.
-    async fn process(&self, events: &[ClaimedEvent], out: &mut Vec<Settlement>) -> LinkVerdict {
+    /// `sent` receives, per key, the value Flux holds if the key's write succeeds (the value
+    /// sent, or Flux's own value when nothing is sent): what convergence compares against.
+    async fn process(
+        &self,
+        events: &[ClaimedEvent],
+        out: &mut Vec<Settlement>,
+        sent: &mut HashMap<PropKey, Value>,
+    ) -> LinkVerdict {
         // 1. Read Flux's current state of every entity (bounded concurrency).
         let remote: HashMap<String, Option<crate::flux_client::EntityState>> =
             if self.opts.merge == MergeMode::ReadMergeWrite {
-                let ids: Vec<String> = events
-                    .iter()
-                    .filter(|e| !e.delete)
-                    .map(|e| e.entity.clone())
-                    .collect();
+                // Deletes are read too: see `survivors_of_delete`.
+                let ids: Vec<String> = events.iter().map(|e| e.entity.clone()).collect();
                 let reads = stream::iter(ids.into_iter().map(|id| async move {
                     let r = self.client.get_entity(&id).await;
                     (id, r)
@@ -344,13 +497,22 @@ impl Flusher {
                             self.metrics
                                 .noops
                                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            // Record what Flux holds (the merged candidate), not our raw value:
+                            // for an object patch they differ, and a wrong hash would make the
+                            // next write of this key look like a conflict with another writer.
+                            let held = state
+                                .and_then(|s| s.as_ref())
+                                .and_then(|s| s.properties.get(name))
+                                .cloned()
+                                .unwrap_or_else(|| p.value.clone());
                             out.push(Settlement {
-                                key,
+                                key: key.clone(),
                                 sent: p.pending.clone(),
                                 outcome: Outcome::Delivered {
-                                    value_hash: value_hash(&p.value),
+                                    value_hash: value_hash(&held),
                                 },
                             });
+                            sent.insert(key, held);
                         }
                         merge::Decision::Conflict { resolution } => {
                             self.metrics
@@ -358,18 +520,20 @@ impl Flusher {
                                 .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                             tracing::warn!(entity = %ev.entity, property = %name, ?resolution, "conflict: Flux changed this key after our last delivery");
                             if matches!(resolution, merge::Resolution::KeepRemote) {
-                                let remote_hash = state
+                                // Absent hashes as null, as the planner compares it.
+                                let remote = state
                                     .and_then(|s| s.as_ref())
                                     .and_then(|s| s.properties.get(name))
-                                    .map(value_hash)
-                                    .unwrap_or(0);
+                                    .cloned()
+                                    .unwrap_or(Value::Null);
                                 out.push(Settlement {
-                                    key,
+                                    key: key.clone(),
                                     sent: p.pending.clone(),
                                     outcome: Outcome::Delivered {
-                                        value_hash: remote_hash,
+                                        value_hash: value_hash(&remote),
                                     },
                                 });
+                                sent.insert(key, remote);
                             }
                         }
                         merge::Decision::Protected => {
@@ -392,26 +556,159 @@ impl Flusher {
             if props.is_empty() {
                 continue;
             }
-            let event = FluxEvent {
-                stream: ev
-                    .stream
-                    .clone()
-                    .unwrap_or_else(|| self.opts.stream.clone()),
-                source: ev
-                    .source
-                    .clone()
-                    .unwrap_or_else(|| self.opts.source.clone()),
-                timestamp_ms: ev.ts_ms().max(1),
-                entity_id: ev.entity.clone(),
-                properties: props.clone(),
-                event_id: Some(event_id(ev)),
+            for (name, v) in &props {
+                sent.insert(PropKey::new(ev.entity.clone(), name.clone()), v.clone());
+            }
+            let (survivors, survivors_ts) = if ev.delete {
+                self.survivors_of_delete(ev, state.and_then(|s| s.as_ref()))
+            } else {
+                (Map::new(), 0)
             };
-            planned.push((event, ev, props));
+            for props in self.split_for_size(ev, props) {
+                let event = self.make_event(ev, props.clone());
+                match event.validate() {
+                    Ok(()) => planned.push((event, ev, props)),
+                    Err(reason) => {
+                        // Flux would refuse it whatever we do; an oversized event would even be
+                        // answered `publish failed` (unknown) and retried forever.
+                        let status = (event.flux_encoded_len() >= EVENT_BYTES_MAX).then_some(413);
+                        self.metrics.events("invalid_local", 1);
+                        tracing::warn!(entity = %ev.entity, %reason, "event cannot be sent to Flux: quarantined");
+                        quarantine_event(ev, &props, &reason, status, out);
+                    }
+                }
+            }
+            if !survivors.is_empty() {
+                // Right after the delete in the same batch (Flux applies a batch in order; a
+                // split keeps the order). It carries no claimed key, so it settles nothing;
+                // convergence checks that the survivors made it.
+                let mut event = self.make_event(ev, survivors.clone());
+                event.timestamp_ms = survivors_ts.max(1);
+                event.event_id = event.event_id.map(|id| format!("{id}-survivors"));
+                planned.push((event, ev, survivors));
+            }
         }
         if planned.is_empty() {
             return LinkVerdict::Ok;
         }
         self.send_planned(&planned, out).await
+    }
+
+    /// Properties that an entity delete must not wipe: Flux deletes the whole entity, but a
+    /// property this worker delivered with a NEWER version than the delete (the delete's source
+    /// timestamp is older; it arrived late) must survive it (newest wins per key). Those still
+    /// holding exactly what was delivered are re-sent right after the delete, and the entity is
+    /// watched by convergence in case only the delete lands.
+    fn survivors_of_delete(
+        &self,
+        ev: &ClaimedEvent,
+        state: Option<&crate::flux_client::EntityState>,
+    ) -> (Map<String, Value>, u64) {
+        let (Some(state), Some(del)) = (state, ev.props.first()) else {
+            return (Map::new(), 0);
+        };
+        let mut out = Map::new();
+        let mut expected = HashMap::new();
+        for (name, value) in &state.properties {
+            let key = PropKey::new(ev.entity.clone(), name.clone());
+            let Ok(Some(d)) = self.store.delivered(&key) else {
+                continue;
+            };
+            let version = Version {
+                ts_ms: d.ts_ms,
+                seq: d.seq,
+            };
+            if version > del.version && d.value_hash == value_hash(value) {
+                out.insert(name.clone(), value.clone());
+                expected.insert(
+                    name.clone(),
+                    Expected {
+                        value: value.clone(),
+                        hash: d.value_hash,
+                        version,
+                        stream: None,
+                        source: None,
+                    },
+                );
+            }
+        }
+        let ts = expected
+            .values()
+            .map(|e| e.version.ts_ms)
+            .max()
+            .unwrap_or(0);
+        if !expected.is_empty() {
+            tracing::info!(entity = %ev.entity, properties = expected.len(),
+                "delete is older than delivered properties: re-sending them after it");
+            let mut suspects = self.suspects.lock().unwrap_or_else(|p| p.into_inner());
+            let sus = suspects.entry(ev.entity.clone()).or_default();
+            self.arm(sus, Instant::now());
+            sus.unknown_delete = true;
+            sus.expected.extend(expected);
+        }
+        (out, ts)
+    }
+
+    /// The Flux event for some properties of a claimed event: `timestamp` is the newest source
+    /// timestamp among the properties SENT (not among every claimed one), and the `eventId`
+    /// names the outbox versions it carries.
+    fn make_event(&self, ev: &ClaimedEvent, props: Map<String, Value>) -> FluxEvent {
+        let carried: Vec<&ClaimedProp> = ev
+            .props
+            .iter()
+            .filter(|p| props.contains_key(&p.name))
+            .collect();
+        FluxEvent {
+            stream: ev
+                .stream
+                .clone()
+                .unwrap_or_else(|| self.opts.stream.clone()),
+            source: ev
+                .source
+                .clone()
+                .unwrap_or_else(|| self.opts.source.clone()),
+            timestamp_ms: carried
+                .iter()
+                .map(|p| p.version.ts_ms)
+                .max()
+                .unwrap_or(0)
+                .max(1),
+            entity_id: ev.entity.clone(),
+            properties: props,
+            event_id: Some(event_id(&ev.entity, &carried)),
+        }
+    }
+
+    /// Splits an entity's properties into events each under Flux's per-event size limit (the
+    /// store groups every pending property of an entity into one event, whatever their sizes).
+    /// A single property over the limit stays alone; `validate` then refuses it.
+    fn split_for_size(
+        &self,
+        ev: &ClaimedEvent,
+        props: Map<String, Value>,
+    ) -> Vec<Map<String, Value>> {
+        if props.len() < 2 || self.make_event(ev, props.clone()).validate().is_ok() {
+            return vec![props];
+        }
+        let envelope = self.make_event(ev, Map::new()).encoded_len();
+        // Margin for JSON punctuation and escaping differences between our and Flux's encoding.
+        let budget = EVENT_BYTES_MAX.saturating_sub(envelope + 1024);
+        let mut parts: Vec<Map<String, Value>> = Vec::new();
+        let mut current = Map::new();
+        let mut current_bytes = 0usize;
+        for (name, value) in props {
+            let bytes = name.len() + serde_json::to_vec(&value).map(|v| v.len()).unwrap_or(0) + 8;
+            if !current.is_empty() && current_bytes + bytes > budget {
+                parts.push(std::mem::take(&mut current));
+                current_bytes = 0;
+            }
+            current_bytes += bytes;
+            current.insert(name, value);
+        }
+        if !current.is_empty() {
+            parts.push(current);
+        }
+        parts
     }
 
     /// Sends planned events; splits on whole-batch 400 and 413 (iteratively, no recursion).
@@ -547,128 +844,308 @@ impl Flusher {
         verdict
     }
 
-    fn track_suspects(&self, settlements: &[Settlement]) {
+    /// Records unknown outcomes (the entity becomes suspect) and, for suspect entities, what
+    /// was delivered since. `sent` holds the value Flux holds after each key's success.
+    fn track_suspects(&self, settlements: &[Settlement], sent: &HashMap<PropKey, Value>) {
         let mut suspects = self.suspects.lock().unwrap_or_else(|p| p.into_inner());
-        let until = Instant::now() + self.opts.convergence_window;
+        let now = Instant::now();
         for s in settlements {
+            let entity = &s.key.entity;
             match &s.outcome {
                 Outcome::Retry { error } if error.starts_with(SUSPECT_TAG) => {
-                    suspects
-                        .entry(s.key.clone())
-                        .or_insert(Suspect {
-                            delivered: None,
-                            until,
-                        })
-                        .until = until;
+                    let sus = suspects.entry(entity.clone()).or_default();
+                    self.arm(sus, now);
+                    if s.key.is_delete() {
+                        sus.unknown_delete = true;
+                    } else if let Some(v) = sent.get(&s.key) {
+                        sus.unknown_hashes
+                            .entry(s.key.property.clone())
+                            .or_default()
+                            .insert(value_hash(v));
+                    } else {
+                        sus.unknown_any = true;
+                    }
                 }
-                Outcome::Delivered { .. } => {
-                    if let Some(sus) = suspects.get_mut(&s.key) {
-                        let value = serde_json::from_slice(&s.sent.value).unwrap_or(Value::Null);
-                        sus.delivered = Some((value, s.sent.ts_ms, s.sent.seq));
+                Outcome::Delivered { value_hash: hash } => {
+                    let Some(sus) = suspects.get_mut(entity) else {
+                        continue;
+                    };
+                    let version = s.sent.version();
+                    if sus.deleted.as_ref().is_some_and(|d| d.version >= version) {
+                        continue;
+                    }
+                    let value = sent.get(&s.key).cloned().unwrap_or_else(|| {
+                        serde_json::from_slice(&s.sent.value).unwrap_or(Value::Null)
+                    });
+                    let exp = Expected {
+                        value,
+                        hash: *hash,
+                        version,
+                        stream: s.sent.stream.clone(),
+                        source: s.sent.source.clone(),
+                    };
+                    if s.key.is_delete() {
+                        sus.expected.retain(|_, e| e.version > version);
+                        sus.deleted = Some(exp);
+                    } else if sus
+                        .expected
+                        .get(&s.key.property)
+                        .is_none_or(|e| e.version <= version)
+                    {
+                        sus.expected.insert(s.key.property.clone(), exp);
                     }
                 }
                 _ => {}
             }
         }
-        // Bounded: a suspect set larger than this is trimmed of the oldest windows.
-        const SUSPECTS_MAX: usize = 100_000;
         if suspects.len() > SUSPECTS_MAX {
-            let now = Instant::now();
-            suspects.retain(|_, s| s.until > now);
+            // Keep the windows that end last; the dropped entities lose their read-back.
+            let mut ends: Vec<(Instant, String)> = suspects
+                .iter()
+                .map(|(e, s)| (s.until.unwrap_or(now), e.clone()))
+                .collect();
+            ends.sort();
+            let excess = suspects.len() - SUSPECTS_MAX;
+            tracing::warn!(
+                dropped = excess,
+                "too many suspect entities: dropping the oldest read-backs"
+            );
+            for (_, e) in ends.into_iter().take(excess) {
+                suspects.remove(&e);
+            }
         }
     }
 
-    /// Reads back delivered suspect keys; a key whose Flux value is not what was delivered last
-    /// (a late write landed after ours) is re-ingested with its delivered value, unless a newer
-    /// value is already pending.
+    /// Whether a newer value of the key is waiting in the outbox (the normal flush sends it).
+    fn is_pending(&self, entity: &str, property: &str) -> bool {
+        // No per-key lookup exists on `Store`; the pending record's key is read directly.
+        self.store
+            .raw_db()
+            .contains_key(crate::store::keyenc(b'P', entity, property))
+            .unwrap_or(true)
+    }
+
+    /// Reads back the suspect entities whose check is due and repairs this worker's own late
+    /// writes (see the module doc). Runs only between drains, so a repair never overlaps a
+    /// claimed write of the same entity.
     async fn converge(&self) -> Result<(), String> {
-        let due: Vec<(PropKey, Suspect)> = {
-            let mut suspects = self.suspects.lock().unwrap_or_else(|p| p.into_inner());
-            let now = Instant::now();
-            suspects.retain(|_, s| s.until > now);
-            suspects
+        let now = Instant::now();
+        let due: Vec<(String, Suspect)> = {
+            let suspects = self.suspects.lock().unwrap_or_else(|p| p.into_inner());
+            let mut due: Vec<(Instant, &String)> = suspects
                 .iter()
-                .filter(|(_, s)| s.delivered.is_some())
-                .take(256)
-                .map(|(k, s)| (k.clone(), s.clone()))
+                .filter_map(|(e, s)| s.next_check.filter(|t| *t <= now).map(|t| (t, e)))
+                .collect();
+            due.sort();
+            due.into_iter()
+                .take(CONVERGE_READS_PER_PASS)
+                .map(|(_, e)| (e.clone(), suspects[e].clone()))
                 .collect()
         };
-        if due.is_empty() {
-            return Ok(());
-        }
-        let mut by_entity: HashMap<String, Vec<(PropKey, Suspect)>> = HashMap::new();
-        for (k, s) in due {
-            by_entity.entry(k.entity.clone()).or_default().push((k, s));
-        }
-        let mut rewrites = Vec::new();
-        for (entity, keys) in by_entity {
-            self.metrics
-                .reads
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            let state = self.client.get_entity(&entity).await.map_err(|e| {
+        for (entity, sus) in due {
+            let needs_read = !sus.expected.is_empty() || sus.deleted.is_some();
+            let mut repaired = true;
+            if needs_read {
                 self.metrics
-                    .read_failures
+                    .reads
                     .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                e.to_string()
-            })?;
-            for (key, sus) in keys {
-                let Some((value, ts_ms, _seq)) = sus.delivered else {
-                    continue;
-                };
-                let ok = if key.is_delete() {
-                    state.is_none()
-                } else {
-                    state.as_ref().and_then(|s| s.properties.get(&key.property)) == Some(&value)
-                };
-                if ok {
-                    continue;
+                let state = self.client.get_entity(&entity).await.map_err(|e| {
+                    self.metrics
+                        .read_failures
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    e.to_string()
+                })?;
+                let (delete, props) = self.plan_repair(&entity, &sus, state.as_ref());
+                if delete.is_some() || !props.is_empty() {
+                    repaired = self.send_repair(&entity, delete, props).await;
                 }
-                let pending_newer = self
-                    .store
-                    .pending_rows(Some(&key.entity), None, usize::MAX)
-                    .map_err(|e| e.to_string())?
-                    .iter()
-                    .any(|r| r.entity == key.entity && r.property == key.property);
-                if pending_newer {
-                    continue;
-                }
-                tracing::warn!(entity = %key.entity, property = %key.property, "read-back found an older value in Flux (late write): re-sending the newest");
-                self.metrics
-                    .convergence_rewrites
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                let op = if key.is_delete() {
-                    UpdateOp::Delete
-                } else {
-                    UpdateOp::Set(std::iter::once((key.property.clone(), value)).collect())
-                };
-                rewrites.push(Update {
-                    entity: key.entity.clone(),
-                    op,
-                    ts_ms,
-                    stream: None,
-                    source: None,
-                });
+            }
+            let mut suspects = self.suspects.lock().unwrap_or_else(|p| p.into_inner());
+            let Some(s) = suspects.get_mut(&entity) else {
+                continue;
+            };
+            let now = Instant::now();
+            let until = s.until.unwrap_or(now);
+            if !repaired {
+                s.next_check = Some(now + self.opts.convergence_check_initial);
+            } else if s.next_check.is_some_and(|t| t >= until) && now >= until {
+                // That was the check at the end of the window (and no new unknown outcome
+                // re-armed it meanwhile): the entity is no longer suspect.
+                suspects.remove(&entity);
+            } else {
+                s.check_every = (s.check_every * 2).max(Duration::from_millis(1));
+                s.next_check = Some((now + s.check_every).min(until));
             }
         }
-        if !rewrites.is_empty() {
-            self.store
-                .ingest(rewrites)
-                .await
-                .map_err(|e| e.to_string())?;
-        }
         Ok(())
+    }
+
+    /// What to re-send for a suspect entity given Flux's state: the delete to re-send (if a late
+    /// write resurrected properties after our delivered delete) and the properties to re-send.
+    fn plan_repair(
+        &self,
+        entity: &str,
+        sus: &Suspect,
+        state: Option<&crate::flux_client::EntityState>,
+    ) -> (Option<Expected>, Vec<(String, Expected)>) {
+        let held = state.map(|s| &s.properties);
+        let ours = |name: &str, v: &Value| {
+            sus.unknown_any
+                || sus
+                    .unknown_hashes
+                    .get(name)
+                    .is_some_and(|h| h.contains(&value_hash(v)))
+        };
+        if let (Some(d), Some(props)) = (&sus.deleted, held) {
+            let resurrected = props
+                .iter()
+                .any(|(name, v)| !sus.expected.contains_key(name) && ours(name, v));
+            if resurrected && !self.is_pending(entity, DELETE_PROPERTY) {
+                // Flux cannot remove one property: delete again, then re-send everything
+                // delivered after the delete (all of it is in `expected`).
+                let props = sus
+                    .expected
+                    .iter()
+                    .filter(|(name, _)| !self.is_pending(entity, name))
+                    .map(|(n, e)| (n.clone(), e.clone()))
+                    .collect();
+                return (Some(d.clone()), props);
+            }
+        }
+        let mut out = Vec::new();
+        for (name, exp) in &sus.expected {
+            let cur = held.and_then(|p| p.get(name));
+            let late = match cur {
+                Some(v) if value_hash(v) == exp.hash => false,
+                Some(v) => ours(name, v),
+                // Wiped: only our own unknown delete can do that to a delivered property.
+                None => sus.unknown_delete || sus.unknown_any,
+            };
+            if late && !self.is_pending(entity, name) {
+                out.push((name.clone(), exp.clone()));
+            }
+        }
+        (None, out)
+    }
+
+    /// Sends a repair as one batch (delete first, Flux applies a batch in order). Returns
+    /// whether Flux acknowledged all of it; an unknown outcome is remembered like any other.
+    async fn send_repair(
+        &self,
+        entity: &str,
+        delete: Option<Expected>,
+        props: Vec<(String, Expected)>,
+    ) -> bool {
+        let mut events = Vec::new();
+        let mut keys: Vec<Vec<(String, u64)>> = Vec::new();
+        let make = |props: Map<String, Value>, newest: &Expected, oldest_seq: u64| FluxEvent {
+            stream: newest
+                .stream
+                .clone()
+                .unwrap_or_else(|| self.opts.stream.clone()),
+            source: newest
+                .source
+                .clone()
+                .unwrap_or_else(|| self.opts.source.clone()),
+            timestamp_ms: newest.version.ts_ms.max(1),
+            entity_id: entity.to_string(),
+            properties: props,
+            event_id: Some(format!(
+                "fo-{:016x}-{oldest_seq}-{}-repair",
+                value_hash(&Value::String(entity.to_string())),
+                newest.version.seq
+            )),
+        };
+        if let Some(d) = &delete {
+            events.push(make(merge::tombstone_properties(), d, d.version.seq));
+            keys.push(vec![(DELETE_PROPERTY.to_string(), d.hash)]);
+        }
+        // One event per property: they may differ in stream and source, and each stays small.
+        for (name, exp) in &props {
+            let mut m = Map::new();
+            m.insert(name.clone(), exp.value.clone());
+            events.push(make(m, exp, exp.version.seq));
+            keys.push(vec![(name.clone(), exp.hash)]);
+        }
+        tracing::warn!(
+            entity,
+            properties = props.len(),
+            delete = delete.is_some(),
+            "read-back found a late write of an older value in Flux: re-sending the newest"
+        );
+        self.metrics.convergence_rewrites.fetch_add(
+            (props.len() + usize::from(delete.is_some())) as u64,
+            std::sync::atomic::Ordering::Relaxed,
+        );
+        if let Some(limiter) = &self.limiter {
+            limiter.acquire(events.len() as u32).await;
+        }
+        let outcome = self.client.post_batch(&events).await;
+        let results = match outcome {
+            BatchOutcome::PerEvent(r) => r,
+            other => {
+                let unknown = other.is_unknown();
+                if unknown {
+                    self.note_unknown(entity, &keys);
+                }
+                return false;
+            }
+        };
+        let mut all = true;
+        for (r, k) in results.iter().zip(&keys) {
+            match r {
+                EventOutcome::Applied { .. } => {}
+                EventOutcome::Unknown { .. } => {
+                    all = false;
+                    self.note_unknown(entity, std::slice::from_ref(k));
+                }
+                _ => all = false,
+            }
+        }
+        all
+    }
+
+    /// A repair write had an unknown outcome: it too may be applied late (harmless, it carries
+    /// the newest value, but remember its hash so the comparison stays exact) and re-arms the
+    /// entity's window.
+    fn note_unknown(&self, entity: &str, keys: &[Vec<(String, u64)>]) {
+        let mut suspects = self.suspects.lock().unwrap_or_else(|p| p.into_inner());
+        let sus = suspects.entry(entity.to_string()).or_default();
+        self.arm(sus, Instant::now());
+        for (name, hash) in keys.iter().flatten() {
+            if name == DELETE_PROPERTY {
+                sus.unknown_delete = true;
+            } else {
+                sus.unknown_hashes
+                    .entry(name.clone())
+                    .or_default()
+                    .insert(*hash);
+            }
+        }
     }
 }
 
 const SUSPECT_TAG: &str = "unknown outcome: ";
 
-/// `fo-<entity hash>-<seq of the newest version it carries>`: traceable to outbox versions.
-fn event_id(ev: &ClaimedEvent) -> String {
-    let newest = ev.props.iter().map(|p| p.version.seq).max().unwrap_or(0);
-    let oldest = ev.props.iter().map(|p| p.version.seq).min().unwrap_or(0);
+/// The pause after a drain that ended with `verdict` (not `Ok`): a refused token waits the slow
+/// cap; a 429's Retry-After is honoured (bounded by the larger of the cap and 60 s, Flux's
+/// fixed value); everything else follows the exponential back-off with jitter.
+pub fn backoff_delay(verdict: LinkVerdict, backoff: &mut Backoff, opts: &FlushOptions) -> Duration {
+    match verdict {
+        LinkVerdict::Auth => opts.backoff_max,
+        LinkVerdict::RateLimited(Some(d)) => d.min(opts.backoff_max.max(Duration::from_secs(60))),
+        _ => backoff.next_delay(),
+    }
+}
+
+/// `fo-<entity hash>-<oldest seq>-<newest seq>` of the outbox versions the event carries:
+/// traceable to the outbox (the same versions resent keep the same id; Flux does not dedupe).
+fn event_id(entity: &str, carried: &[&ClaimedProp]) -> String {
+    let newest = carried.iter().map(|p| p.version.seq).max().unwrap_or(0);
+    let oldest = carried.iter().map(|p| p.version.seq).min().unwrap_or(0);
     format!(
         "fo-{:016x}-{oldest}-{newest}",
-        value_hash(&Value::String(ev.entity.clone()))
+        value_hash(&Value::String(entity.to_string()))
     )
 }
 

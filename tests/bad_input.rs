@@ -8,8 +8,8 @@ mod harness;
 use std::io::{Read, Write};
 use std::time::Duration;
 
-use harness::*;
 use flux_outbox::sim::{Faults, SimConfig, SimHandle};
+use harness::*;
 use serde_json::{json, Value};
 
 /// A worker delivering to its own flux-sim.

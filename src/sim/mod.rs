@@ -83,6 +83,8 @@ pub struct Faults {
     pub error_500_rate: f64,
     /// Whole request answers `429 {"error":"rate limit exceeded"}` with `Retry-After: 60`.
     pub rate_429_rate: f64,
+    /// Retry-After (seconds) of the injected 429; 0 means Flux's fixed 60.
+    pub rate_429_retry_after_s: u64,
     /// Per event: `publish failed: Failed to await publish ack` in a batch, 500 for a single event.
     pub publish_fail_rate: f64,
     /// Per event: `validation failed: ...` in a batch (eventId null), 400 for a single event.

@@ -142,9 +142,16 @@ fn json_error(status: StatusCode, msg: impl Into<String>) -> Response {
 }
 
 fn rate_limited() -> Response {
+    rate_limited_after(60)
+}
+
+/// A 429 with the given Retry-After (Flux always sends 60; the injected fault may send less so
+/// tests that honour it do not wait a minute).
+fn rate_limited_after(secs: u64) -> Response {
     let mut r = json_error(StatusCode::TOO_MANY_REQUESTS, "rate limit exceeded");
-    r.headers_mut()
-        .insert(header::RETRY_AFTER, HeaderValue::from_static("60"));
+    if let Ok(v) = HeaderValue::from_str(&secs.to_string()) {
+        r.headers_mut().insert(header::RETRY_AFTER, v);
+    }
     r
 }
 
@@ -212,7 +219,12 @@ async fn write_faults(s: &Arc<Shared>, conn: &ConnHandle) -> Result<Gate, Respon
     }
     if s.roll(f.rate_429_rate) {
         Stats::add(&s.stats.fault_429, 1);
-        return Err(rate_limited());
+        let secs = if f.rate_429_retry_after_s == 0 {
+            60
+        } else {
+            f.rate_429_retry_after_s
+        };
+        return Err(rate_limited_after(secs));
     }
     let fail_all = s.roll(f.error_500_rate);
     if fail_all {

@@ -1,0 +1,399 @@
+//! End to end: store + compactor + flusher against flux-sim with every fault kind, then healed.
+//!
+//! Oracle: the expected newest value of every key is computed from what was ingested, by
+//! (source timestamp, ingest order), honouring entity deletes. Every value ingested is unique
+//! (the update's ingest index), so a value in Flux names exactly the update it came from.
+
+mod fake_flux;
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+use fake_flux::*;
+use flux_outbox::flusher::FlushOptions;
+use flux_outbox::model::{Update, UpdateOp};
+use flux_outbox::sim::{Faults, SimConfig};
+use rand::{Rng, SeedableRng};
+use serde_json::{json, Value};
+
+const ENTITIES: usize = 60;
+const PROPS: [&str; 5] = ["p", "q", "v", "i", "f"];
+const BASE_TS: u64 = 1_700_000_000_000;
+
+/// Everything ingested, in ingest order (index = order).
+struct Oracle {
+    updates: Vec<Update>,
+}
+
+impl Oracle {
+    /// Per entity, per property: (ts, order) of the newest value that survives deletes.
+    fn expected(&self) -> BTreeMap<String, BTreeMap<String, (u64, usize)>> {
+        let mut deletes: HashMap<&str, (u64, usize)> = HashMap::new();
+        let mut sets: HashMap<(&str, &str), (u64, usize)> = HashMap::new();
+        for (i, u) in self.updates.iter().enumerate() {
+            let v = (u.ts_ms, i);
+            match &u.op {
+                UpdateOp::Delete => {
+                    let d = deletes.entry(&u.entity).or_insert(v);
+                    *d = (*d).max(v);
+                }
+                UpdateOp::Set(props) => {
+                    for name in props.keys() {
+                        let s = sets.entry((&u.entity, name)).or_insert(v);
+                        *s = (*s).max(v);
+                    }
+                }
+            }
+        }
+        let mut out: BTreeMap<String, BTreeMap<String, (u64, usize)>> = BTreeMap::new();
+        for ((e, p), v) in sets {
+            if deletes.get(e).is_none_or(|d| v > *d) {
+                out.entry(e.to_string())
+                    .or_default()
+                    .insert(p.to_string(), v);
+            }
+        }
+        out
+    }
+
+    fn newest_set(&self, entity: &str, prop: &str) -> Option<(u64, usize)> {
+        self.expected()
+            .get(entity)
+            .and_then(|m| m.get(prop))
+            .copied()
+    }
+}
+
+fn gen_updates(
+    rng: &mut rand::rngs::StdRng,
+    start: usize,
+    n: usize,
+    oracle: &Oracle,
+) -> Vec<Update> {
+    let mut out = Vec::with_capacity(n);
+    let mut last_ts: HashMap<(String, String), u64> = HashMap::new();
+    for k in 0..n {
+        let order = start + k;
+        let entity = format!("site-1/e{:03}", rng.gen_range(0..ENTITIES));
+        let base = BASE_TS + order as u64 * 10;
+        if rng.gen_bool(0.02) {
+            // Deletes are current (newer than anything ingested for the entity so far): an
+            // older-than-delivered delete is a known store limitation (see the report).
+            out.push(delete(&entity, base + 1_000));
+            continue;
+        }
+        let mut props = BTreeMap::new();
+        let nprops = rng.gen_range(1..=3);
+        for _ in 0..nprops {
+            let p = PROPS[rng.gen_range(0..PROPS.len())];
+            props.insert(p.to_string(), json!(order));
+        }
+        // Out of order by up to 800 ms (about 80 updates); sometimes the same timestamp as the
+        // previous value of a key so the ingest order decides.
+        let first = props.keys().next().cloned().unwrap_or_default();
+        let ts = match last_ts.get(&(entity.clone(), first.clone())) {
+            Some(t) if rng.gen_bool(0.05) => *t,
+            _ => base + rng.gen_range(0..800),
+        };
+        last_ts.insert((entity.clone(), first), ts);
+        out.push(Update {
+            entity,
+            op: UpdateOp::Set(props),
+            ts_ms: ts,
+            stream: None,
+            source: None,
+        });
+    }
+    let _ = oracle;
+    out
+}
+
+async fn ingest_paced(
+    rig: &Rig,
+    oracle: &mut Oracle,
+    updates: Vec<Update>,
+    chunk: usize,
+    pause: Duration,
+) {
+    for c in updates.chunks(chunk) {
+        rig.store.ingest(c.to_vec()).await.expect("ingest");
+        oracle.updates.extend(c.iter().cloned());
+        tokio::time::sleep(pause).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_fault_then_healed_converges_to_newest() {
+    let t_start = Instant::now();
+    let sim = start_sim(SimConfig {
+        seed: 7,
+        ..SimConfig::default()
+    })
+    .await;
+    let opts = FlushOptions {
+        batch_events_max: 5,
+        in_flight_max: 2,
+        ..fast_opts()
+    };
+    let mut rig = Rig::new(client(&sim.url(), None, Duration::from_millis(800)), opts);
+    rig.run();
+    let mut rng = rand::rngs::StdRng::seed_from_u64(42);
+    let mut oracle = Oracle {
+        updates: Vec::new(),
+    };
+
+    // Phase 1: every transport fault and every unknown outcome, with late application.
+    sim.set_faults(Faults {
+        error_500_rate: 0.08,
+        rate_429_rate: 0.04,
+        rate_429_retry_after_s: 1,
+        publish_fail_rate: 0.08,
+        latency_ms: 3,
+        hang_rate: 0.03,
+        reset_rate: 0.05,
+        lost_answer_rate: 0.08,
+        late_apply_rate: 0.6,
+        late_apply_delay_ms: 300,
+        ..Faults::default()
+    });
+    // Rounds of traffic until every fault kind has fired (bounded).
+    for _round in 0..6 {
+        let ups = gen_updates(&mut rng, oracle.updates.len(), 500, &oracle);
+        ingest_paced(&rig, &mut oracle, ups, 10, Duration::from_millis(15)).await;
+        let s = sim.stats();
+        if oracle.updates.len() >= 2_000
+            && [
+                s.fault_500,
+                s.fault_429,
+                s.fault_hang,
+                s.fault_reset,
+                s.fault_lost_answer,
+            ]
+            .iter()
+            .all(|n| *n > 0)
+            && s.events_publish_failed > 0
+            && s.events_applied_late > 0
+        {
+            break;
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    sim.set_faults(Faults::default());
+    rig.wait_drained(Duration::from_secs(30)).await;
+    // Let every scheduled late application land before validation faults start, so that a key
+    // rejected as invalid below cannot also receive its value through a late write.
+    let t0 = Instant::now();
+    while sim.stats().events_late_scheduled != sim.stats().events_applied_late {
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "late applications never landed"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let s1 = sim.stats();
+    assert!(
+        s1.fault_500 > 0 && s1.fault_429 > 0 && s1.fault_hang > 0 && s1.fault_reset > 0,
+        "{s1:?}"
+    );
+    assert!(
+        s1.fault_lost_answer > 0 && s1.events_publish_failed > 0,
+        "{s1:?}"
+    );
+    assert!(s1.events_applied_late > 0, "{s1:?}");
+
+    let answers_lost = |rig: &Rig| {
+        rig.metrics
+            .batches
+            .lock()
+            .unwrap()
+            .get("unknown")
+            .copied()
+            .unwrap_or(0)
+            + rig.metrics.events_count("unknown")
+    };
+    let lost_before_2 = answers_lost(&rig);
+    // Phase 2: per-event validation failures (rejected for good), with 429s and latency.
+    sim.set_faults(Faults {
+        validation_fail_rate: 0.04,
+        rate_429_rate: 0.02,
+        rate_429_retry_after_s: 1,
+        latency_ms: 2,
+        ..Faults::default()
+    });
+    let ups = gen_updates(&mut rng, oracle.updates.len(), 1_000, &oracle);
+    ingest_paced(&rig, &mut oracle, ups, 20, Duration::from_millis(5)).await;
+    rig.wait_drained(Duration::from_secs(30)).await;
+    sim.set_faults(Faults::default());
+    // On a loaded machine a phase-2 request can still time out: the sim then rejected events
+    // whose answer the worker never saw (it re-reads and re-sends them instead).
+    let phase2_all_answered = answers_lost(&rig) == lost_before_2;
+    let quarantined_after_2: Vec<_> = rig.store.quarantine_rows(None, usize::MAX).expect("q");
+    assert!(
+        !quarantined_after_2.is_empty(),
+        "validation faults never fired"
+    );
+
+    // Phase 3, healthy: newer values for half of the quarantined keys (a rejected key that
+    // later gets a newer value) and more traffic.
+    let mut ups = Vec::new();
+    for (i, r) in quarantined_after_2.iter().enumerate() {
+        if i % 2 == 0 && r.property != "__deleted__" {
+            let order = oracle.updates.len() + ups.len();
+            ups.push(set(
+                &r.entity,
+                BASE_TS + order as u64 * 10 + 5_000,
+                &[(&r.property, json!(order))],
+            ));
+        }
+    }
+    let more = gen_updates(&mut rng, oracle.updates.len() + ups.len(), 300, &oracle);
+    ups.extend(more);
+    ingest_paced(&rig, &mut oracle, ups, 20, Duration::from_millis(2)).await;
+    rig.wait_drained(Duration::from_secs(30)).await;
+
+    // Convergence: late writes of phase 1 are repaired by read-back; wait for Flux to match.
+    let expected = oracle.expected();
+    let quarantine: HashMap<(String, String), u64> = rig
+        .store
+        .quarantine_rows(None, usize::MAX)
+        .expect("quarantine")
+        .into_iter()
+        .map(|r| ((r.entity, r.property), r.seq))
+        .collect();
+    // A quarantined key whose quarantined version IS its newest: Flux rejected the newest value;
+    // nothing newer exists to deliver. Any other quarantine row is a superseded rejection.
+    let check = || -> Result<(), String> {
+        let flux = sim.entities();
+        let mut problems = Vec::new();
+        let mut rejected_newest = HashSet::new();
+        for ((e, p), _) in &quarantine {
+            if let Some((_, order)) = oracle.newest_set(e, p) {
+                // Values are unique per update: compare by value.
+                let q_value = rig
+                    .store
+                    .quarantine_rows(Some(e), usize::MAX)
+                    .ok()
+                    .and_then(|rows| {
+                        rows.into_iter()
+                            .find(|r| &r.entity == e && &r.property == p)
+                    })
+                    .map(|r| r.value);
+                if q_value == Some(json!(order)) {
+                    rejected_newest.insert((e.clone(), p.clone()));
+                }
+            }
+        }
+        for (e, props) in &expected {
+            for (p, (_, order)) in props {
+                let held = flux.get(e).and_then(|m| m.get(p));
+                if rejected_newest.contains(&(e.clone(), p.clone())) {
+                    if held == Some(&json!(order)) {
+                        problems.push(format!("{e}/{p}: Flux holds a value it rejected"));
+                    }
+                } else if held != Some(&json!(order)) {
+                    problems.push(format!("{e}/{p}: want {order}, Flux has {held:?}"));
+                }
+            }
+        }
+        for (e, props) in &flux {
+            for p in props.keys() {
+                let want = expected.get(e).and_then(|m| m.get(p));
+                if want.is_none() && !rejected_newest.iter().any(|(qe, _)| qe == e) {
+                    problems.push(format!("{e}/{p}: present in Flux, should be absent"));
+                }
+            }
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(problems.join("\n"))
+        }
+    };
+    let t0 = Instant::now();
+    loop {
+        match check() {
+            Ok(()) => break,
+            Err(p) if t0.elapsed() > Duration::from_secs(15) => {
+                panic!("Flux did not converge:\n{p}")
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+        }
+    }
+    rig.stop().await;
+    let stats = rig.store.stats();
+    assert_eq!(stats.pending_keys, 0);
+    assert_eq!(stats.log_backlog, 0);
+
+    // Quarantine holds exactly what flux-sim rejected as invalid: one quarantined event per
+    // rejection, every row carrying Flux's reason and the 200 it came in.
+    // Every quarantined event is one flux-sim rejected; when every answer arrived, every
+    // rejection is quarantined too.
+    let s = sim.stats();
+    let quarantined_events = rig.metrics.events_count("invalid");
+    assert!(
+        quarantined_events <= s.events_validation_failed,
+        "{quarantined_events} vs {s:?}"
+    );
+    if phase2_all_answered {
+        assert_eq!(quarantined_events, s.events_validation_failed, "{s:?}");
+    }
+    for r in rig.store.quarantine_rows(None, usize::MAX).expect("q") {
+        let reason = r.reason.clone().unwrap_or_default();
+        assert!(reason.contains("simulated validation failure"), "{r:?}");
+        assert_eq!(r.http_status, Some(200), "{r:?}");
+        // A superseded rejection: Flux holds the key's newest value (checked above).
+        let _ = r;
+    }
+
+    // Every applied event carried only what the worker was asked to write, and its timestamp is
+    // the newest source timestamp of the values it carried.
+    let mut rollbacks = 0;
+    let mut last_applied: HashMap<(String, String), u64> = HashMap::new();
+    for ev in sim.applied_log() {
+        let e = ev.entity_id.clone().expect("entity id");
+        let props = ev.properties.as_object().expect("properties object");
+        assert_eq!(ev.stream, "scada");
+        assert_eq!(ev.source, "outbox-test");
+        assert!(ev.event_id.starts_with("fo-"), "{}", ev.event_id);
+        if props.contains_key("__deleted__") {
+            assert_eq!(props.len(), 1, "delete not alone: {ev:?}");
+            assert_eq!(props["__deleted__"], Value::Bool(true));
+            let ok = oracle.updates.iter().any(|u| {
+                u.entity == e && matches!(u.op, UpdateOp::Delete) && u.ts_ms as i64 == ev.timestamp
+            });
+            assert!(ok, "delete nobody asked for: {ev:?}");
+            continue;
+        }
+        let mut newest_ts = 0;
+        for (p, v) in props {
+            let order = v
+                .as_u64()
+                .unwrap_or_else(|| panic!("foreign value {v} in {ev:?}"))
+                as usize;
+            let u = &oracle.updates[order];
+            let asked = u.entity == e && matches!(&u.op, UpdateOp::Set(m) if m.get(p) == Some(v));
+            assert!(
+                asked,
+                "event carried {p}={v} the worker was not asked to write: {ev:?}"
+            );
+            newest_ts = newest_ts.max(u.ts_ms);
+            let key = (e.clone(), p.clone());
+            let version = u.ts_ms;
+            if last_applied.get(&key).is_some_and(|prev| *prev > version) {
+                rollbacks += 1;
+            }
+            last_applied.insert(key, version);
+        }
+        assert_eq!(ev.timestamp as u64, newest_ts, "timestamp of {ev:?}");
+    }
+    eprintln!(
+        "e2e: {} updates, {} applied events ({} late), {} rollbacks seen, {} repairs, {} quarantined, {:?}",
+        oracle.updates.len(),
+        s.events_applied,
+        s.events_applied_late,
+        rollbacks,
+        rig.metrics.convergence_rewrites.load(std::sync::atomic::Ordering::Relaxed),
+        rig.store.stats().quarantine_keys,
+        t_start.elapsed()
+    );
+}

@@ -391,3 +391,68 @@ async fn wrong_key_is_refused_and_reported() {
         .unwrap();
     server.abort();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_message_ends_the_connection_not_the_source() {
+    // message_bytes_max bounds what the WebSocket layer buffers: a larger message is counted
+    // as `too_large`, the connection is reopened, and the stream goes on.
+    let dir = tempfile::tempdir().unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let ws_url = format!("ws://{}/ws/tags", listener.local_addr().unwrap());
+    let conns = Arc::new(AtomicUsize::new(0));
+    let c = conns.clone();
+    let server = tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let echo = |_: &Request, mut resp: Response| -> Result<Response, ErrorResponse> {
+                resp.headers_mut().insert(
+                    "Sec-WebSocket-Protocol",
+                    HeaderValue::from_static("oxscada.v1"),
+                );
+                Ok(resp)
+            };
+            let Ok(mut ws) = tokio_tungstenite::accept_hdr_async(stream, echo).await else {
+                continue;
+            };
+            let k = c.fetch_add(1, Ordering::SeqCst);
+            let update = json!({"event":"tag:update","payload":{"tagName":"EQ-0.S0","value":k,
+                "timestamp": iso(TS_BASE_MS + k as u64)}});
+            let _ = ws.send(Message::text(update.to_string())).await;
+            if k == 0 {
+                let huge = format!(
+                    "{{\"event\":\"tag:update\",\"pad\":\"{}\"}}",
+                    "x".repeat(64 * 1024)
+                );
+                let _ = ws.send(Message::text(huge)).await;
+            }
+            tokio::spawn(async move { while let Some(Ok(_)) = ws.next().await {} });
+        }
+    });
+    let mut cfg = worker_config(dir.path(), "http://127.0.0.1:9", &ws_url, Preset::Scaffold);
+    cfg.flux.url = None;
+    if let Some(ws) = cfg.sources.oxscada_ws.as_mut() {
+        ws.message_bytes_max = 16 * 1024;
+        ws.api_key = None;
+    }
+    let (running, stop, task) = start_worker(cfg).await;
+    let status = &running.metrics.oxscada_ws;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while (status.updates_ingested.load(Ordering::Relaxed) < 2
+        || status.bad_count("too_large") == 0)
+        && Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(status.bad_count("too_large"), 1);
+    assert!(conns.load(Ordering::SeqCst) >= 2, "reconnected");
+    assert!(
+        status.updates_ingested.load(Ordering::Relaxed) >= 2,
+        "the stream goes on"
+    );
+    let _ = stop.send(());
+    tokio::time::timeout(Duration::from_secs(20), task)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    server.abort();
+}

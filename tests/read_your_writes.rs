@@ -325,3 +325,42 @@ async fn offline_mode_answers_from_the_outbox() {
         .unwrap()
         .unwrap();
 }
+
+#[test]
+fn overlay_rules() {
+    use flux_outbox::flux_client::EntityState;
+    use flux_outbox::model::Version;
+    use flux_outbox::read_through::{merge, Overlay};
+    let v = |ts_ms, seq| Version { ts_ms, seq };
+    let flux = EntityState {
+        id: "e".into(),
+        properties: json!({"a": 1, "b": 2}).as_object().unwrap().clone(),
+        last_updated_ns: Some(5_000_000_000),
+    };
+    let mut o = Overlay::default();
+    assert_eq!(merge(None, None), None);
+    assert_eq!(
+        merge(None, Some(&o)),
+        None,
+        "an empty overlay creates nothing"
+    );
+    let (p, last) = merge(Some(&flux), None).unwrap();
+    assert_eq!(
+        (Value::Object(p), last),
+        (json!({"a": 1, "b": 2}), Some(5_000_000_000))
+    );
+    // A pending value replaces Flux's; lastUpdated is the newest of both.
+    o.props.insert("b".into(), (v(10, 1), json!(3), 9_000));
+    let (p, last) = merge(Some(&flux), Some(&o)).unwrap();
+    assert_eq!(
+        (Value::Object(p), last),
+        (json!({"a": 1, "b": 3}), Some(9_000_000_000))
+    );
+    // A pending delete hides Flux's state and pending values not newer than it...
+    o.delete = Some(v(20, 2));
+    assert_eq!(merge(Some(&flux), Some(&o)), None);
+    // ...but values written after the delete make the entity exist again with only them.
+    o.props.insert("c".into(), (v(30, 3), json!("new"), 1_000));
+    let (p, _) = merge(Some(&flux), Some(&o)).unwrap();
+    assert_eq!(Value::Object(p), json!({"c": "new"}));
+}

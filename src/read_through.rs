@@ -235,6 +235,8 @@ fn collect_overlays(
     Ok((out, truncated))
 }
 
+// A ready-made error answer is the natural error here, as in `admin::check`.
+#[allow(clippy::result_large_err)]
 fn check_token(ctx: &Ctx, headers: &HeaderMap) -> Result<(), Response> {
     if ctx.cfg.require_token && !authorized(headers, &ctx.app.ingest_token) {
         return Err(error(

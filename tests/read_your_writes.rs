@@ -2,6 +2,9 @@
 //! listener answer with Flux's state overlaid with pending values, in Flux's shapes, with
 //! `X-Flux-Outbox-Flux: reached|unreachable|offline`. Checked during a link outage (flux-sim
 //! `link_down`), after it heals, and in offline mode.
+// Configs are built field by field from the defaults on purpose: each line is a deliberate
+// difference from production settings.
+#![allow(clippy::field_reassign_with_default)]
 
 use std::time::{Duration, Instant};
 

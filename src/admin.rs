@@ -91,12 +91,13 @@ async fn readyz(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Respo
         return r;
     }
     let shutting = state.shutting_down.load(Ordering::SeqCst);
-    let body = json!({
+    let mut body = json!({
         "ready": !shutting,
         "store": "open",
         "link": state.metrics.link().as_str(),
         "shutting_down": shutting,
     });
+    crate::source_ws::extend_readyz(&state.metrics.oxscada_ws, &mut body);
     let status = if shutting {
         StatusCode::SERVICE_UNAVAILABLE
     } else {

@@ -109,6 +109,9 @@ pub async fn run(
     shutdown: impl Future<Output = ()>,
     on_ready: impl FnOnce(&Running),
 ) -> Result<(), StartError> {
+    let mapper = Arc::new(
+        crate::mapper::Mapper::from_config(&cfg).map_err(|e| StartError::Other(e.to_string()))?,
+    );
     let data_dir = cfg.data_dir.clone();
     let opts = store_options(&cfg);
     let (store, report) = tokio::task::spawn_blocking(move || Store::open(&data_dir, opts))
@@ -145,7 +148,10 @@ pub async fn run(
         gateway_id: cfg.gateway_id.clone(),
     });
 
-    let ingest_router = crate::ingest::router(state.clone(), cfg.ingest.body_bytes_max as usize);
+    let ingest_router =
+        crate::ingest::router(state.clone(), cfg.ingest.body_bytes_max as usize).merge(
+            crate::read_through::router(state.clone(), &cfg.read_through),
+        );
     let admin_router = crate::admin::router(state.clone());
     let bind = |addr: SocketAddr| async move {
         TcpListener::bind(addr)
@@ -211,6 +217,10 @@ pub async fn run(
         }
     });
 
+    let scada_tasks =
+        crate::source_ws::spawn_integration(&cfg, mapper, state.clone(), stop_rx.clone())
+            .map_err(StartError::Other)?;
+
     on_ready(&Running {
         ingest_addr,
         admin_addr,
@@ -236,6 +246,9 @@ pub async fn run(
         );
         servers.abort_all();
         while servers.join_next().await.is_some() {}
+    }
+    for t in scada_tasks {
+        let _ = t.await;
     }
     if let Some(mut t) = flush_task {
         // The flush loop stops between batches, but a batch in flight waits for Flux up to

@@ -129,6 +129,10 @@ pub struct Config {
     pub flush: FlushConfig,
     pub store: StoreConfig,
     pub admin: AdminConfig,
+    pub mapper: crate::mapper::MapperConfig,
+    pub heartbeat: crate::heartbeat::HeartbeatConfig,
+    pub read_through: crate::read_through::ReadThroughConfig,
+    pub sources: crate::source_ws::SourcesConfig,
 }
 
 /// `[ingest]`: the local API producers post updates to.
@@ -239,6 +243,10 @@ impl Default for Config {
             flush: FlushConfig::default(),
             store: StoreConfig::default(),
             admin: AdminConfig::default(),
+            mapper: Default::default(),
+            heartbeat: Default::default(),
+            read_through: Default::default(),
+            sources: Default::default(),
         }
     }
 }
@@ -659,6 +667,7 @@ impl Config {
             ));
         }
         check_secret_not_empty("admin.token", &self.admin.token)?;
+        crate::mapper::check_config(self)?;
         Ok(())
     }
 
@@ -861,7 +870,7 @@ fn key_at(text: &str, offset: usize) -> Option<String> {
 }
 
 /// Serde for durations as humantime strings (`"5s"`, `"500ms"`, `"1m 30s"`).
-mod duration {
+pub(crate) mod duration {
     use serde::de::{self, Visitor};
     use std::fmt;
     use std::time::Duration;

@@ -70,6 +70,8 @@ pub struct Metrics {
     flush_buckets: [AtomicU64; 10],
     flush_count: AtomicU64,
     flush_sum_us: AtomicU64,
+    /// The 0xSCADA WebSocket source (`[sources.oxscada_ws]`).
+    pub oxscada_ws: crate::source_ws::WsStatus,
 }
 
 impl Metrics {
@@ -224,6 +226,7 @@ impl Metrics {
             self.flush_sum_us.load(Ordering::Relaxed) as f64 / 1e6
         );
         let _ = writeln!(out, "flux_outbox_flush_seconds_count {count}");
+        self.oxscada_ws.render(out);
     }
 }
 

@@ -1,0 +1,169 @@
+//! The gateway heartbeat reaches Flux through the outbox: `{prefix}gateway/{gateway_id}` with
+//! version, backlog and delivery facts; folded into `namespace/rest` for a public-mode Flux; and
+//! off when disabled.
+// Configs are built field by field from the defaults on purpose: each line is a deliberate
+// difference from production settings.
+#![allow(clippy::field_reassign_with_default)]
+
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use tokio::net::TcpListener;
+
+use flux_outbox::app::{self, Running};
+use flux_outbox::config::{Config, Durability, Secret};
+use flux_outbox::sim::{self, SimHandle};
+
+fn config(dir: &std::path::Path, flux: &SimHandle) -> Config {
+    let mut cfg = Config::default();
+    cfg.data_dir = dir.join("data");
+    cfg.gateway_id = "gw-hb".into();
+    cfg.durability = Durability::Flush;
+    cfg.ingest.listen = "127.0.0.1:0".parse().unwrap();
+    cfg.admin.listen = "127.0.0.1:0".parse().unwrap();
+    cfg.flux.url = Some(flux.url());
+    cfg.flux.source = Some("outbox-gw-hb".into());
+    cfg.flush.interval = Duration::from_millis(50);
+    cfg.flush.backoff_initial = Duration::from_millis(50);
+    cfg.flush.backoff_max = Duration::from_millis(200);
+    cfg.flush.final_flush_timeout = Duration::from_secs(1);
+    cfg.heartbeat.interval = Duration::from_millis(150);
+    cfg
+}
+
+async fn start_worker(
+    cfg: Config,
+) -> (
+    Running,
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<Result<(), app::StartError>>,
+) {
+    cfg.validate().unwrap();
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel::<Running>();
+    let task = tokio::spawn(app::run(
+        cfg,
+        async move {
+            let _ = stop_rx.await;
+        },
+        move |r| {
+            let _ = ready_tx.send(r.clone());
+        },
+    ));
+    let running = tokio::time::timeout(Duration::from_secs(20), ready_rx)
+        .await
+        .expect("worker ready in time")
+        .expect("worker started");
+    (running, stop_tx, task)
+}
+
+async fn stop_worker(
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<Result<(), app::StartError>>,
+) {
+    let _ = stop.send(());
+    tokio::time::timeout(Duration::from_secs(20), task)
+        .await
+        .expect("worker stops in time")
+        .unwrap()
+        .unwrap();
+}
+
+/// Waits until the heartbeat entity shows a delivery time (so at least two beats went out).
+async fn wait_for_beat(flux: &SimHandle, id: &str) -> serde_json::Map<String, serde_json::Value> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Some(e) = flux.entity(id) {
+            if e.properties
+                .get("last_delivery_ms")
+                .is_some_and(|v| v.is_u64())
+            {
+                return e.properties;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no heartbeat {id} in Flux: {:?}",
+            flux.entities().keys().collect::<Vec<_>>()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heartbeat_is_visible_in_flux() {
+    let dir = tempfile::tempdir().unwrap();
+    let flux = sim::start(
+        sim::SimConfig::default(),
+        TcpListener::bind("127.0.0.1:0").await.unwrap(),
+    )
+    .await
+    .unwrap();
+    let (_running, stop, task) = start_worker(config(dir.path(), &flux)).await;
+    let p = wait_for_beat(&flux, "scada/gateway/gw-hb").await;
+    assert_eq!(p["gateway_id"], json!("gw-hb"));
+    assert_eq!(p["version"], json!(env!("CARGO_PKG_VERSION")));
+    for key in [
+        "pending_keys",
+        "oldest_pending_age_ms",
+        "quarantine_keys",
+        "heartbeat_ms",
+        "last_delivery_ms",
+    ] {
+        assert!(p[key].is_u64(), "{key}: {:?}", p.get(key));
+    }
+    assert_eq!(p["link"], json!("up"));
+    // The beat is fresh: written within the last few seconds.
+    let age = flux_outbox::model::now_ms().saturating_sub(p["heartbeat_ms"].as_u64().unwrap());
+    assert!(age < 10_000, "{age}");
+    stop_worker(stop, task).await;
+    flux.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heartbeat_is_folded_for_a_public_mode_flux() {
+    let dir = tempfile::tempdir().unwrap();
+    let flux = sim::start(
+        sim::SimConfig {
+            public: true,
+            ..sim::SimConfig::default()
+        },
+        TcpListener::bind("127.0.0.1:0").await.unwrap(),
+    )
+    .await
+    .unwrap();
+    let token = flux.register_namespace("scada");
+    let mut cfg = config(dir.path(), &flux);
+    cfg.ingest.public_mode = true;
+    cfg.flux.auth_token = Some(Secret::new(token));
+    cfg.gateway_id = "gw.plant-7".into();
+    let (_running, stop, task) = start_worker(cfg).await;
+    let p = wait_for_beat(&flux, "scada/gateway.gw%2Eplant-7").await;
+    assert_eq!(p["gateway_id"], json!("gw.plant-7"));
+    stop_worker(stop, task).await;
+    flux.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heartbeat_can_be_disabled() {
+    let dir = tempfile::tempdir().unwrap();
+    let flux = sim::start(
+        sim::SimConfig::default(),
+        TcpListener::bind("127.0.0.1:0").await.unwrap(),
+    )
+    .await
+    .unwrap();
+    let mut cfg = config(dir.path(), &flux);
+    cfg.heartbeat.enabled = false;
+    let (running, stop, task) = start_worker(cfg).await;
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert!(flux.entities().is_empty());
+    let stats = running.store.stats();
+    assert_eq!(
+        (stats.pending_keys, stats.log_backlog, stats.delivered),
+        (0, 0, 0),
+        "nothing ingested"
+    );
+    stop_worker(stop, task).await;
+    flux.shutdown().await;
+}

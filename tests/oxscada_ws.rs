@@ -1,0 +1,461 @@
+//! End to end: a 0xSCADA-like WebSocket server (checks the `Sec-WebSocket-Protocol` auth
+//! header, echoes `oxscada.v1`) sends a snapshot and thousands of tag updates, drops the
+//! connection twice, then sends an alarm and pings; the worker runs in-process against
+//! flux-sim, and flux-sim must end holding the newest value of every tag under the mapped names,
+//! for both presets.
+// Configs are built field by field from the defaults on purpose; the handshake callbacks
+// return tungstenite's own (large) ErrorResponse type.
+#![allow(clippy::field_reassign_with_default, clippy::result_large_err)]
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, UNIX_EPOCH};
+
+use base64::Engine as _;
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{json, Value};
+use tokio::net::TcpListener;
+use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
+use tokio_tungstenite::tungstenite::http::{HeaderValue, StatusCode};
+use tokio_tungstenite::tungstenite::Message;
+
+use flux_outbox::app::{self, Running};
+use flux_outbox::config::{Config, Durability, Secret};
+use flux_outbox::mapper::Preset;
+use flux_outbox::sim::{self, SimHandle};
+use flux_outbox::source_ws::OxscadaWsConfig;
+
+const API_KEY: &str = "s3cr3t/key+?";
+const EQUIPMENT: usize = 5;
+const SENSORS: usize = 10;
+const UPDATES_PER_CONNECTION: usize = 1500;
+const CONNECTIONS_DROPPED: usize = 2;
+const TS_BASE_MS: u64 = 1_772_366_400_000;
+
+fn tag(i: usize) -> String {
+    format!("EQ-{}.S{}", i % EQUIPMENT, (i / EQUIPMENT) % SENSORS)
+}
+
+/// 0xSCADA's timestamp format: RFC 3339, milliseconds, `Z`.
+fn iso(ms: u64) -> String {
+    let full = sim::rfc3339_nanos(UNIX_EPOCH + Duration::from_millis(ms));
+    format!("{}Z", &full[..23])
+}
+
+#[derive(Default)]
+struct FakeScada {
+    /// tag -> (value, ts_ms): what a snapshot sends, and the truth at the end.
+    current: Mutex<BTreeMap<String, (f64, u64)>>,
+    connections: AtomicUsize,
+    bad_handshakes: AtomicUsize,
+    pongs: AtomicUsize,
+    app_pings: AtomicUsize,
+}
+
+impl FakeScada {
+    fn snapshot(&self) -> Message {
+        let cur = self.current.lock().unwrap();
+        let payload: serde_json::Map<String, Value> = cur
+            .iter()
+            .map(|(t, (v, ts))| {
+                (
+                    t.clone(),
+                    json!({"tagName": t, "value": v, "quality": "good", "timestamp": iso(*ts)}),
+                )
+            })
+            .collect();
+        Message::text(json!({"event": "tag:snapshot", "payload": payload}).to_string())
+    }
+
+    fn reading(&self, i: usize, value: f64, ts: u64) -> Value {
+        let t = tag(i);
+        self.current.lock().unwrap().insert(t.clone(), (value, ts));
+        json!({"tagName": t, "value": value, "quality": "good", "timestamp": iso(ts)})
+    }
+}
+
+async fn serve_scada(listener: TcpListener, scada: Arc<FakeScada>) {
+    let expected = format!(
+        "oxscada.v1, oxscada.api-key.{}",
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(API_KEY)
+    );
+    let mut ts = TS_BASE_MS;
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            return;
+        };
+        let expected = expected.clone();
+        let s = scada.clone();
+        let check = move |req: &Request, mut resp: Response| -> Result<Response, ErrorResponse> {
+            let offered = req
+                .headers()
+                .get("Sec-WebSocket-Protocol")
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("");
+            if offered != expected || req.uri().query().is_some() || req.uri().path() != "/ws/tags"
+            {
+                s.bad_handshakes.fetch_add(1, Ordering::SeqCst);
+                let mut e = ErrorResponse::new(Some("bad api key".into()));
+                *e.status_mut() = StatusCode::UNAUTHORIZED;
+                return Err(e);
+            }
+            resp.headers_mut().insert(
+                "Sec-WebSocket-Protocol",
+                HeaderValue::from_static("oxscada.v1"),
+            );
+            Ok(resp)
+        };
+        let Ok(mut ws) = tokio_tungstenite::accept_hdr_async(stream, check).await else {
+            continue;
+        };
+        let k = scada.connections.fetch_add(1, Ordering::SeqCst);
+        // Every connection starts with the snapshot of every current value.
+        if ws.send(scada.snapshot()).await.is_err() {
+            continue;
+        }
+        let connected =
+            json!({"event":"connected","payload":{"clientId":"c","tagCount":EQUIPMENT*SENSORS}});
+        let _ = ws.send(Message::text(connected.to_string())).await;
+        let mut i = 0;
+        while i < UPDATES_PER_CONNECTION {
+            let value = (k * 1_000_000 + i) as f64 + 0.5;
+            ts += 1;
+            let msg = if i % 10 == 0 {
+                // A batch of 5 readings.
+                let items: Vec<Value> = (0..5)
+                    .map(|j| {
+                        ts += 1;
+                        scada.reading(i + j, value + j as f64, ts)
+                    })
+                    .collect();
+                i += 5;
+                json!({"event": "tag:batch", "payload": items})
+            } else {
+                let r = scada.reading(i, value, ts);
+                i += 1;
+                json!({"event": "tag:update", "payload": r})
+            };
+            if ws.send(Message::text(msg.to_string())).await.is_err() {
+                break;
+            }
+            if i % 97 == 0 {
+                // Junk in the stream is counted, never fatal.
+                let _ = ws.send(Message::text("{not json")).await;
+            }
+        }
+        if k < CONNECTIONS_DROPPED {
+            // Drop without a close handshake: the client must reconnect and catch up from the
+            // next snapshot.
+            drop(ws);
+            continue;
+        }
+        let alarm = json!({"event":"alarm:update","payload":{"id":"ALM-EQ-1-1","name":"EQ-1 TRIP",
+            "tagId":"EQ-1.S1","equipmentId":"EQ-1","siteId":"site-1","severity":"critical",
+            "state":"active","message":"trip","timestamp": iso(ts),"value":1450}});
+        let _ = ws.send(Message::text(alarm.to_string())).await;
+        let _ = ws.send(Message::Ping(b"hi".to_vec().into())).await;
+        let scada = scada.clone();
+        tokio::spawn(async move {
+            while let Some(Ok(m)) = ws.next().await {
+                match m {
+                    Message::Pong(p) if &p[..] == b"hi" => {
+                        scada.pongs.fetch_add(1, Ordering::SeqCst);
+                    }
+                    Message::Text(t) if t.as_str().contains("\"ping\"") => {
+                        scada.app_pings.fetch_add(1, Ordering::SeqCst);
+                        let _ = ws.send(Message::text(r#"{"event":"pong"}"#)).await;
+                    }
+                    _ => {}
+                }
+            }
+        });
+    }
+}
+
+fn worker_config(dir: &std::path::Path, flux_url: &str, ws_url: &str, preset: Preset) -> Config {
+    let mut cfg = Config::default();
+    cfg.data_dir = dir.join("data");
+    cfg.gateway_id = "gw-test".into();
+    cfg.durability = Durability::Flush;
+    cfg.ingest.listen = "127.0.0.1:0".parse().unwrap();
+    cfg.admin.listen = "127.0.0.1:0".parse().unwrap();
+    cfg.flux.url = Some(flux_url.to_string());
+    cfg.flux.source = Some("outbox-gw-test".into());
+    cfg.flux.request_timeout = Duration::from_secs(5);
+    cfg.flush.interval = Duration::from_millis(50);
+    cfg.flush.backoff_initial = Duration::from_millis(50);
+    cfg.flush.backoff_max = Duration::from_millis(500);
+    cfg.flush.final_flush_timeout = Duration::from_secs(2);
+    cfg.heartbeat.enabled = false;
+    cfg.mapper.preset = preset;
+    cfg.mapper.default_site = Some("site-1".into());
+    cfg.sources.oxscada_ws = Some(OxscadaWsConfig {
+        url: ws_url.to_string(),
+        api_key: Some(Secret::new(API_KEY)),
+        updates_per_ingest_max: 500,
+        reconnect_initial: Duration::from_millis(50),
+        reconnect_max: Duration::from_millis(300),
+        ping_interval: Duration::from_millis(300),
+        idle_timeout: Duration::from_secs(5),
+        ..OxscadaWsConfig::default()
+    });
+    cfg.validate().unwrap();
+    cfg
+}
+
+/// Starts the worker in-process; returns its addresses, a stop switch and its task.
+async fn start_worker(
+    cfg: Config,
+) -> (
+    Running,
+    tokio::sync::oneshot::Sender<()>,
+    tokio::task::JoinHandle<Result<(), app::StartError>>,
+) {
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel::<Running>();
+    let task = tokio::spawn(app::run(
+        cfg,
+        async move {
+            let _ = stop_rx.await;
+        },
+        move |r| {
+            let _ = ready_tx.send(r.clone());
+        },
+    ));
+    let running = tokio::time::timeout(Duration::from_secs(20), ready_rx)
+        .await
+        .expect("worker ready in time")
+        .expect("worker started");
+    (running, stop_tx, task)
+}
+
+/// Where a tag's value must end up in Flux.
+fn mapped(preset: Preset, t: &str) -> (String, String) {
+    let (eq, sensor) = t.split_once('.').unwrap();
+    match preset {
+        Preset::Scaffold => (format!("scada/asset/site-1/{eq}"), format!("tag/{t}")),
+        Preset::Adr15 => (
+            format!("scada/{}", eq.to_lowercase()),
+            sensor.to_lowercase(),
+        ),
+    }
+}
+
+async fn run_scenario(preset: Preset) {
+    let dir = tempfile::tempdir().unwrap();
+    let flux = sim::start(
+        sim::SimConfig::default(),
+        TcpListener::bind("127.0.0.1:0").await.unwrap(),
+    )
+    .await
+    .unwrap();
+    let scada = Arc::new(FakeScada::default());
+    let ws_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let ws_url = format!("ws://{}/ws/tags", ws_listener.local_addr().unwrap());
+    let server = tokio::spawn(serve_scada(ws_listener, scada.clone()));
+
+    let cfg = worker_config(dir.path(), &flux.url(), &ws_url, preset);
+    let (running, stop, task) = start_worker(cfg).await;
+
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let missing = loop {
+        let missing = converged(&flux, &scada, preset);
+        let done = scada.connections.load(Ordering::SeqCst) > CONNECTIONS_DROPPED
+            && missing.is_empty()
+            && scada.pongs.load(Ordering::SeqCst) > 0
+            && flux.entity(&alarm_entity()).is_some();
+        if done || Instant::now() > deadline {
+            break missing;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(missing.is_empty(), "{preset:?}: not converged: {missing:?}");
+    assert_eq!(scada.bad_handshakes.load(Ordering::SeqCst), 0);
+    assert!(scada.connections.load(Ordering::SeqCst) > CONNECTIONS_DROPPED);
+    assert!(
+        scada.pongs.load(Ordering::SeqCst) > 0,
+        "ping frame answered"
+    );
+    let alarm = flux.entity(&alarm_entity()).expect("alarm entity");
+    assert_eq!(alarm.properties["state"], json!("active"));
+
+    // The status is visible in /readyz and /metrics.
+    let http = reqwest::Client::new();
+    let admin = format!("http://{}", running.admin_addr);
+    let ready = http
+        .get(format!("{admin}/readyz"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let ready: Value = serde_json::from_str(&ready).unwrap();
+    assert_eq!(
+        ready["sources"]["oxscada_ws"]["state"],
+        json!("connected"),
+        "{ready}"
+    );
+    let metrics = http
+        .get(format!("{admin}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(metrics.contains("flux_outbox_source_connected{source=\"oxscada_ws\"} 1"));
+    assert!(metrics.contains("reason=\"invalid_json\""), "junk counted");
+    let connects = running.metrics.oxscada_ws.connects.load(Ordering::Relaxed);
+    assert!(connects as usize > CONNECTIONS_DROPPED, "{connects}");
+    assert!(running.metrics.oxscada_ws.bad_count("invalid_json") > 0);
+
+    let _ = stop.send(());
+    tokio::time::timeout(Duration::from_secs(20), task)
+        .await
+        .expect("worker stops in time")
+        .unwrap()
+        .unwrap();
+    server.abort();
+    flux.shutdown().await;
+}
+
+fn alarm_entity() -> String {
+    "scada/alert/ALM-EQ-1-1".to_string()
+}
+
+/// Tags whose newest value is not (yet) in Flux under its mapped name.
+fn converged(flux: &SimHandle, scada: &FakeScada, preset: Preset) -> Vec<String> {
+    let state = flux.entities();
+    let cur = scada.current.lock().unwrap().clone();
+    if cur.len() < EQUIPMENT * SENSORS {
+        return vec!["(server not done)".into()];
+    }
+    cur.iter()
+        .filter(|(t, (v, _))| {
+            let (entity, prop) = mapped(preset, t);
+            state.get(&entity).and_then(|p| p.get(&prop)) != Some(&json!(v))
+        })
+        .map(|(t, (v, _))| format!("{t}={v}"))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scaffold_preset_converges_across_drops() {
+    run_scenario(Preset::Scaffold).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn adr15_preset_converges_across_drops() {
+    run_scenario(Preset::Adr15).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_key_is_refused_and_reported() {
+    // A server that refuses every handshake: the source keeps retrying, reports
+    // `disconnected` with the reason, and the worker stays up.
+    let dir = tempfile::tempdir().unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let ws_url = format!("ws://{}/ws/tags", listener.local_addr().unwrap());
+    let attempts = Arc::new(AtomicUsize::new(0));
+    let a = attempts.clone();
+    let server = tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            a.fetch_add(1, Ordering::SeqCst);
+            let refuse = |_: &Request, _: Response| -> Result<Response, ErrorResponse> {
+                let mut e = ErrorResponse::new(Some("unauthorized".into()));
+                *e.status_mut() = StatusCode::UNAUTHORIZED;
+                Err(e)
+            };
+            let _ = tokio_tungstenite::accept_hdr_async(stream, refuse).await;
+        }
+    });
+    let mut cfg = worker_config(dir.path(), "http://127.0.0.1:9", &ws_url, Preset::Scaffold);
+    cfg.flux.url = None;
+    let (running, stop, task) = start_worker(cfg).await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while attempts.load(Ordering::SeqCst) < 3 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        attempts.load(Ordering::SeqCst) >= 3,
+        "reconnects with back-off"
+    );
+    let ready = running.metrics.oxscada_ws.readyz().unwrap();
+    assert_ne!(ready["state"], json!("connected"));
+    let err = ready["last_error"].as_str().unwrap_or_default().to_string();
+    assert!(err.contains("401"), "{err}");
+    let _ = stop.send(());
+    tokio::time::timeout(Duration::from_secs(20), task)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    server.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_message_ends_the_connection_not_the_source() {
+    // message_bytes_max bounds what the WebSocket layer buffers: a larger message is counted
+    // as `too_large`, the connection is reopened, and the stream goes on.
+    let dir = tempfile::tempdir().unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let ws_url = format!("ws://{}/ws/tags", listener.local_addr().unwrap());
+    let conns = Arc::new(AtomicUsize::new(0));
+    let c = conns.clone();
+    let server = tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let echo = |_: &Request, mut resp: Response| -> Result<Response, ErrorResponse> {
+                resp.headers_mut().insert(
+                    "Sec-WebSocket-Protocol",
+                    HeaderValue::from_static("oxscada.v1"),
+                );
+                Ok(resp)
+            };
+            let Ok(mut ws) = tokio_tungstenite::accept_hdr_async(stream, echo).await else {
+                continue;
+            };
+            let k = c.fetch_add(1, Ordering::SeqCst);
+            let update = json!({"event":"tag:update","payload":{"tagName":"EQ-0.S0","value":k,
+                "timestamp": iso(TS_BASE_MS + k as u64)}});
+            let _ = ws.send(Message::text(update.to_string())).await;
+            if k == 0 {
+                let huge = format!(
+                    "{{\"event\":\"tag:update\",\"pad\":\"{}\"}}",
+                    "x".repeat(64 * 1024)
+                );
+                let _ = ws.send(Message::text(huge)).await;
+            }
+            tokio::spawn(async move { while let Some(Ok(_)) = ws.next().await {} });
+        }
+    });
+    let mut cfg = worker_config(dir.path(), "http://127.0.0.1:9", &ws_url, Preset::Scaffold);
+    cfg.flux.url = None;
+    if let Some(ws) = cfg.sources.oxscada_ws.as_mut() {
+        ws.message_bytes_max = 16 * 1024;
+        ws.api_key = None;
+    }
+    let (running, stop, task) = start_worker(cfg).await;
+    let status = &running.metrics.oxscada_ws;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while (status.updates_ingested.load(Ordering::Relaxed) < 2
+        || status.bad_count("too_large") == 0)
+        && Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(status.bad_count("too_large"), 1);
+    assert!(conns.load(Ordering::SeqCst) >= 2, "reconnected");
+    assert!(
+        status.updates_ingested.load(Ordering::Relaxed) >= 2,
+        "the stream goes on"
+    );
+    let _ = stop.send(());
+    tokio::time::timeout(Duration::from_secs(20), task)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    server.abort();
+}

@@ -144,6 +144,7 @@ impl Flusher {
         let mut last_flush = Instant::now();
         let poll = Duration::from_millis(50).min(self.opts.interval);
         loop {
+            crate::watchdog::flush_loop_beat();
             if *shutdown.borrow() {
                 return;
             }
@@ -195,6 +196,7 @@ impl Flusher {
         let mut tasks = tokio::task::JoinSet::new();
         let mut verdict = LinkVerdict::Ok;
         loop {
+            crate::watchdog::flush_loop_beat();
             while tasks.len() < self.opts.in_flight_max.max(1) && verdict == LinkVerdict::Ok {
                 let claim = match self.store.claim(limits) {
                     Ok(Some(c)) => c,

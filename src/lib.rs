@@ -18,3 +18,4 @@ pub mod signals;
 pub mod sim;
 pub mod store;
 pub mod validate;
+pub mod watchdog;

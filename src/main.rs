@@ -97,11 +97,14 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
+            // systemd: READY=1, WATCHDOG=1, STATUS=, STOPPING=1 (no-ops without NOTIFY_SOCKET).
+            let watchdog = flux_outbox::watchdog::Watchdog::new(&cfg);
             let result = rt.block_on(flux_outbox::app::run(
                 cfg,
-                flux_outbox::signals::shutdown_signal(),
+                watchdog.stop_on(flux_outbox::signals::shutdown_signal()),
                 |r| {
                     flux_outbox::signals::notify_ready(r);
+                    watchdog.ready(r);
                 },
             ));
             match result {

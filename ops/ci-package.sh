@@ -13,8 +13,9 @@ fi
 echo "== $(cargo deb --version)"
 
 echo "== cargo deb (release build)"
-# cargo deb prints the path of the package it wrote as its last line.
-deb="$(cargo deb | tail -n 1)"
+# cargo deb prints the paths of the packages it wrote (the .deb, and the -dbgsym .ddeb with
+# the debug symbols).
+deb="$(cargo deb | grep '\.deb$' | tail -n 1)"
 if [ ! -f "$deb" ]; then
   echo "cargo deb did not report a package file (got: $deb)" >&2
   exit 1

@@ -282,6 +282,7 @@ impl Flusher {
         let mut retry_due = false;
         let poll = Duration::from_millis(50).min(self.opts.interval);
         loop {
+            crate::watchdog::flush_loop_beat();
             if *shutdown.borrow() {
                 return;
             }
@@ -336,6 +337,7 @@ impl Flusher {
         let mut tasks = tokio::task::JoinSet::new();
         let mut verdict = LinkVerdict::Ok;
         loop {
+            crate::watchdog::flush_loop_beat();
             while tasks.len() < self.opts.in_flight_max.max(1) && verdict == LinkVerdict::Ok {
                 let claim = match self.store.claim(limits) {
                     Ok(Some(c)) => c,

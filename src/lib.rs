@@ -22,3 +22,4 @@ pub mod sim;
 pub mod source_ws;
 pub mod store;
 pub mod validate;
+pub mod watchdog;

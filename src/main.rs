@@ -97,14 +97,17 @@ fn main() -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
+            // systemd: READY=1, WATCHDOG=1, STATUS=, STOPPING=1 (no-ops without NOTIFY_SOCKET).
+            let watchdog = flux_outbox::watchdog::Watchdog::new(&cfg);
             // Signal handlers go in before anything else runs, so a SIGTERM during start-up
             // is a graceful shutdown, not an abrupt death (see `shutdown_signal`).
             let shutdown = {
                 let _in_runtime = rt.enter();
                 flux_outbox::signals::shutdown_signal()
             };
-            let result = rt.block_on(flux_outbox::app::run(cfg, shutdown, |r| {
+            let result = rt.block_on(flux_outbox::app::run(cfg, watchdog.stop_on(shutdown), |r| {
                 flux_outbox::signals::notify_ready(r);
+                watchdog.ready(r);
             }));
             match result {
                 Ok(()) => ExitCode::SUCCESS,

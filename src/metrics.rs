@@ -72,11 +72,15 @@ pub struct Metrics {
     flush_sum_us: AtomicU64,
     /// The 0xSCADA WebSocket source (`[sources.oxscada_ws]`).
     pub oxscada_ws: crate::source_ws::WsStatus,
+    /// When this worker started (epoch ms): restarts show as changes of the gauge.
+    started_ms: AtomicU64,
 }
 
 impl Metrics {
     pub fn new(offline: bool) -> Self {
         let m = Metrics::default();
+        m.started_ms
+            .store(crate::model::now_ms(), Ordering::Relaxed);
         m.set_link(if offline {
             LinkState::Offline
         } else {
@@ -205,6 +209,7 @@ impl Metrics {
         let link = self.link();
         let _ = writeln!(out, "# HELP flux_outbox_link_up 1 when the last Flux write succeeded.\n# TYPE flux_outbox_link_up gauge\nflux_outbox_link_up {}", u64::from(link == LinkState::Up));
         let _ = writeln!(out, "# HELP flux_outbox_link_state Link state (label), value 1.\n# TYPE flux_outbox_link_state gauge\nflux_outbox_link_state{{state=\"{}\"}} 1", link.as_str());
+        let _ = writeln!(out, "# HELP flux_outbox_start_time_seconds Start time of this worker process.\n# TYPE flux_outbox_start_time_seconds gauge\nflux_outbox_start_time_seconds {}", self.started_ms.load(Ordering::Relaxed) as f64 / 1000.0);
         let last = self.last_delivery_ms.load(Ordering::Relaxed);
         let _ = writeln!(out, "# HELP flux_outbox_last_delivery_timestamp_seconds Time of the last acknowledged delivery.\n# TYPE flux_outbox_last_delivery_timestamp_seconds gauge\nflux_outbox_last_delivery_timestamp_seconds {}", last as f64 / 1000.0);
         let _ = writeln!(out, "# HELP flux_outbox_flush_seconds Latency of one batch write to Flux.\n# TYPE flux_outbox_flush_seconds histogram");

@@ -105,10 +105,14 @@ fn main() -> ExitCode {
                 let _in_runtime = rt.enter();
                 flux_outbox::signals::shutdown_signal()
             };
-            let result = rt.block_on(flux_outbox::app::run(cfg, watchdog.stop_on(shutdown), |r| {
-                flux_outbox::signals::notify_ready(r);
-                watchdog.ready(r);
-            }));
+            let result = rt.block_on(flux_outbox::app::run(
+                cfg,
+                watchdog.stop_on(shutdown),
+                |r| {
+                    flux_outbox::signals::notify_ready(r);
+                    watchdog.ready(r);
+                },
+            ));
             match result {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {

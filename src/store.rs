@@ -1749,18 +1749,9 @@ fn fold_delete_requeue(
     rec: &LogRecord,
     v: Version,
 ) -> Result<(), StoreError> {
-    // A delete older than a property Flux already holds from us would wipe that newer value:
-    // Flux applies in arrival order and this store keeps only a hash of what it delivered, so
-    // it could not resend it. Such a delete is late; it is dropped and counted.
-    for dk in txn.keys_with_prefix(&entity_prefix(b'D', &rec.entity))? {
-        if keydec(&dk[1..]).is_some_and(|k| !k.is_delete()) {
-            let d: Option<DeliveredRecord> = txn.get(&dk)?;
-            if d.is_some_and(|d| d.version() > v) {
-                counters.late_dropped += 1;
-                return Ok(());
-            }
-        }
-    }
+    // A delete older than a property Flux already holds from us would wipe that newer value
+    // too (Flux applies in arrival order); the flusher reads such entities before sending the
+    // delete and re-sends the newer delivered properties right after it (see flusher.rs).
     let tk = simple_key(b'T', &rec.entity);
     let tomb: Option<TombstoneRecord> = txn.get(&tk)?;
     if tomb.is_none_or(|t| t.version() < v) {

@@ -282,35 +282,6 @@ fn quarantine_keeps_the_newest_rejected_value() {
 }
 
 #[test]
-fn a_delete_older_than_a_delivered_property_is_late_and_never_sent() {
-    // Flux applies in arrival order: sending a delete (ts 100) after a property it already
-    // holds from us (ts 150) would wipe the newer value, which the store cannot resend.
-    let dir = tempfile::tempdir().unwrap();
-    let (store, _) = open(dir.path(), fast_opts());
-    store
-        .ingest_blocking(vec![set("e", 150, &[("p", json!("new"))])])
-        .unwrap();
-    store.compact_all().unwrap();
-    let c = store.claim(ALL).unwrap().unwrap();
-    deliver_all(&store, &c);
-    let before = store.stats().late_dropped;
-    store.ingest_blocking(vec![delete("e", 100)]).unwrap();
-    store.compact_all().unwrap();
-    assert!(
-        pending(&store).is_empty(),
-        "the late delete must not be pending"
-    );
-    assert_eq!(store.stats().late_dropped, before + 1);
-    assert!(store.claim(ALL).unwrap().is_none());
-    // A delete newer than everything delivered is still sent.
-    store.ingest_blocking(vec![delete("e", 200)]).unwrap();
-    store.compact_all().unwrap();
-    let c = store.claim(ALL).unwrap().unwrap();
-    assert!(c.events[0].delete);
-    assert_clean(&store);
-}
-
-#[test]
 fn a_drained_store_rotates_to_a_small_fresh_one_and_keeps_what_it_must() {
     let dir = tempfile::tempdir().unwrap();
     let (store, _) = open(dir.path(), fast_opts());

@@ -162,13 +162,6 @@ impl Model {
         } else {
             tomb.is_some_and(|t| new.ver <= t)
         };
-        // A delete older than a property Flux already holds would wipe that newer property
-        // (Flux applies in arrival order): it is late.
-        let late = late
-            || self
-                .delivered
-                .iter()
-                .any(|(k, d)| k.0 == entity && k.1 != DELETE_PROPERTY && *d > new.ver);
         if late {
             self.late_dropped += 1;
             return;

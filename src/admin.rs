@@ -4,11 +4,11 @@
 //! | route | answer |
 //! |---|---|
 //! | `GET /healthz` | 200 `ok` while the process serves requests |
-//! | `GET /readyz` | 200 when the store is open and not shutting down (503 otherwise); body: JSON with `link` |
+//! | `GET /readyz` | 200 when the store answers a read ([`store_check`]) and the worker is not shutting down (503 otherwise); body: JSON with `store` and `link` |
 //! | `GET /metrics` | Prometheus text |
 //! | `GET /v1/outbox/summary` | [`Summary`] |
 //! | `GET /v1/outbox/pending?entity=P&older_than=10m&limit=N` | `[Row]` |
-//! | `GET /v1/outbox/quarantine?entity=P&limit=N` | `[Row]` |
+//! | `GET /v1/outbox/quarantine?entity=P&older_than=10m&limit=N` | `[Row]` |
 //! | `GET /v1/outbox/log?limit=N` | `[LogRow]` |
 //! | `GET /v1/outbox/verify` | [`crate::store::VerifyReport`] |
 //! | `POST /v1/outbox/requeue?entity=P` / `?all=true` | `{"requeued": n}` |
@@ -19,6 +19,7 @@
 use std::fmt::Write as _;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::time::Duration;
 
 use axum::extract::{Query, State};
 use axum::http::{header, HeaderMap, StatusCode};
@@ -29,12 +30,17 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use crate::ingest::{authorized, error, AppState};
-use crate::store::{Row, Stats, Store, StoreError};
+use crate::store::{Listing, Row, Stats, Store, StoreError, TreeFormat};
 
 /// Rows returned when the caller gives no limit.
 pub const LIST_LIMIT_DEFAULT: usize = 1_000;
 /// Most rows one listing returns.
 pub const LIST_LIMIT_MAX: usize = 1_000_000;
+/// Response header of `/v1/outbox/pending` and `/v1/outbox/quarantine`: how many records the
+/// listing could not read (corrupt, not in the body; `verify` names them).
+pub const UNREADABLE_HEADER: &str = "x-flux-outbox-unreadable";
+/// Longest `/readyz` waits for the store to answer its probe read.
+pub const STORE_PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// What `outbox-dump summary` shows.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -86,22 +92,56 @@ async fn blocking<T: Send + 'static>(
     }
 }
 
+/// The store part of readiness: reads the store's format record through sled (a real read of
+/// the open tree, not a flag) and checks it is a store of the format this worker writes.
+pub fn store_check(store: &Store) -> Result<(), String> {
+    let meta = crate::store::read_tree_meta(&store.raw_db()).map_err(|e| e.to_string())?;
+    match meta.format {
+        TreeFormat::Version(v) if v == crate::record::FORMAT_VERSION => Ok(()),
+        TreeFormat::Version(v) => Err(format!(
+            "store format version {v}, this worker writes {}",
+            crate::record::FORMAT_VERSION
+        )),
+        TreeFormat::Missing => Err("store format record missing".into()),
+        TreeFormat::Malformed => Err("store format record malformed".into()),
+    }
+}
+
+/// [`store_check`] off the async threads, bounded by [`STORE_PROBE_TIMEOUT`]: a wedged store
+/// makes the worker unready instead of hanging the probe.
+async fn probe_store(store: Store) -> Result<(), String> {
+    let probe = tokio::task::spawn_blocking(move || store_check(&store));
+    match tokio::time::timeout(STORE_PROBE_TIMEOUT, probe).await {
+        Ok(Ok(result)) => result,
+        Ok(Err(e)) => Err(format!("store probe task failed: {e}")),
+        Err(_) => Err(format!(
+            "store probe did not answer within {}s",
+            STORE_PROBE_TIMEOUT.as_secs()
+        )),
+    }
+}
+
 async fn readyz(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
     if let Err(r) = check(&state, &headers) {
         return r;
     }
     let shutting = state.shutting_down.load(Ordering::SeqCst);
+    let store = probe_store(state.store.clone()).await;
+    let ready = !shutting && store.is_ok();
     let mut body = json!({
-        "ready": !shutting,
-        "store": "open",
+        "ready": ready,
+        "store": if store.is_ok() { "open" } else { "unavailable" },
         "link": state.metrics.link().as_str(),
         "shutting_down": shutting,
     });
+    if let Err(e) = &store {
+        body["store_error"] = json!(e);
+    }
     crate::source_ws::extend_readyz(&state.metrics.oxscada_ws, &mut body);
-    let status = if shutting {
-        StatusCode::SERVICE_UNAVAILABLE
-    } else {
+    let status = if ready {
         StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
     };
     (status, Json(body)).into_response()
 }
@@ -249,19 +289,18 @@ async fn pending(
     if let Err(r) = check(&state, &headers) {
         return r;
     }
-    let older = match q.older_than.as_deref().map(humantime::parse_duration) {
-        Some(Err(e)) => return error(StatusCode::BAD_REQUEST, format!("older_than: {e}")),
-        Some(Ok(d)) => Some(d.as_millis() as u64),
-        None => None,
+    let older = match older_than_of(q.older_than.as_deref()) {
+        Ok(o) => o,
+        Err(m) => return error(StatusCode::BAD_REQUEST, m),
     };
     let st = state.clone();
     match blocking(move || {
         st.store
-            .pending_rows(q.entity.as_deref(), older, limit_of(q.limit))
+            .pending_listing(q.entity.as_deref(), older, limit_of(q.limit))
     })
     .await
     {
-        Ok(rows) => Json::<Vec<Row>>(rows).into_response(),
+        Ok(listing) => listing_response(listing),
         Err(r) => r,
     }
 }
@@ -274,16 +313,40 @@ async fn quarantine(
     if let Err(r) = check(&state, &headers) {
         return r;
     }
+    let older = match older_than_of(q.older_than.as_deref()) {
+        Ok(o) => o,
+        Err(m) => return error(StatusCode::BAD_REQUEST, m),
+    };
     let st = state.clone();
     match blocking(move || {
         st.store
-            .quarantine_rows(q.entity.as_deref(), limit_of(q.limit))
+            .quarantine_listing(q.entity.as_deref(), older, limit_of(q.limit))
     })
     .await
     {
-        Ok(rows) => Json::<Vec<Row>>(rows).into_response(),
+        Ok(listing) => listing_response(listing),
         Err(r) => r,
     }
+}
+
+/// The `older_than` parameter of the listings (`10m`, `2h 30m`) in ms; the 400 answer's
+/// message when it does not parse.
+fn older_than_of(q: Option<&str>) -> Result<Option<u64>, String> {
+    match q.map(humantime::parse_duration) {
+        Some(Err(e)) => Err(format!("older_than: {e}")),
+        Some(Ok(d)) => Ok(Some(d.as_millis().min(u128::from(u64::MAX)) as u64)),
+        None => Ok(None),
+    }
+}
+
+/// The rows as a JSON array; records that could not be read are counted in
+/// [`UNREADABLE_HEADER`] (the body stays the plain list scripts expect).
+fn listing_response(listing: Listing<Row>) -> Response {
+    (
+        [(UNREADABLE_HEADER, listing.unreadable.to_string())],
+        Json::<Vec<Row>>(listing.rows),
+    )
+        .into_response()
 }
 
 async fn log(

@@ -102,21 +102,86 @@ pub fn client_config(cfg: &Config, url: &str) -> ClientConfig {
     }
 }
 
-/// Runs the worker until `shutdown` resolves. `on_ready` is called once the store is open and
-/// the listeners are bound (systemd readiness, tests).
+/// How [`run`] ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[must_use]
+pub enum Exit {
+    /// Stopped because `shutdown` resolved.
+    Stopped,
+    /// A storage write failed and its cause (usually a full disk) is gone, but sled keeps an
+    /// I/O error for the rest of a handle's life: the caller starts the worker again in this
+    /// process (`flux-outbox run` re-executes itself) so the store is reopened. Everything
+    /// acknowledged is on disk already.
+    Restart,
+}
+
+/// Most time between two attempts to open a store that cannot be opened now (disk full, ...).
+const OPEN_RETRY_MAX: Duration = Duration::from_secs(30);
+/// A failed storage write is retried by a restart in place no sooner than this after it ...
+const RESTART_AFTER_FAILURE: Duration = Duration::from_secs(10);
+/// ... and only once the filesystem of the data directory has this much free again.
+const RESTART_FREE_BYTES_MIN: u64 = 16 * 1024 * 1024;
+
+/// Free bytes for an unprivileged writer on the filesystem holding `path`.
+fn free_bytes(path: &std::path::Path) -> Option<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
+    // SAFETY: statvfs reads a NUL-terminated path and writes into a struct we own.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    let rc = unsafe { libc::statvfs(c.as_ptr(), &mut st) };
+    (rc == 0).then(|| (st.f_bavail as u64).saturating_mul(st.f_frsize as u64))
+}
+
+/// Opens the store, waiting (loudly, with back-off) while it cannot be opened for a reason of
+/// its surroundings: a full disk must never make the worker give up or move the store aside.
+/// None when `shutdown` resolved while waiting.
+async fn open_store(
+    cfg: &Config,
+    shutdown: &mut std::pin::Pin<&mut impl Future<Output = ()>>,
+) -> Result<Option<(Store, crate::store::OpenReport)>, StartError> {
+    let mut delay = Duration::from_millis(500);
+    loop {
+        let data_dir = cfg.data_dir.clone();
+        let opts = store_options(cfg);
+        let opened = tokio::task::spawn_blocking(move || Store::open(&data_dir, opts))
+            .await
+            .map_err(|e| StartError::Other(format!("store open task failed: {e}")))?;
+        match opened {
+            Ok(x) => return Ok(Some(x)),
+            Err(
+                e @ (crate::store::StoreError::Unavailable { .. }
+                | crate::store::StoreError::Storage(_)),
+            ) => {
+                tracing::error!(error = %e, retry_in_ms = delay.as_millis() as u64,
+                    "THE STORE CANNOT BE OPENED NOW: waiting for its surroundings to recover (free disk space, permissions); nothing is accepted meanwhile");
+                crate::watchdog::still_starting(delay * 3, &e.to_string());
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = shutdown.as_mut() => return Ok(None),
+                }
+                delay = (delay * 2).min(OPEN_RETRY_MAX);
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// Runs the worker until `shutdown` resolves (or a restart in place is due, see [`Exit`]).
+/// `on_ready` is called once the store is open and the listeners are bound (systemd
+/// readiness, tests).
 pub async fn run(
     cfg: Config,
     shutdown: impl Future<Output = ()>,
     on_ready: impl FnOnce(&Running),
-) -> Result<(), StartError> {
+) -> Result<Exit, StartError> {
     let mapper = Arc::new(
         crate::mapper::Mapper::from_config(&cfg).map_err(|e| StartError::Other(e.to_string()))?,
     );
-    let data_dir = cfg.data_dir.clone();
-    let opts = store_options(&cfg);
-    let (store, report) = tokio::task::spawn_blocking(move || Store::open(&data_dir, opts))
-        .await
-        .map_err(|e| StartError::Other(format!("store open task failed: {e}")))??;
+    let mut shutdown = std::pin::pin!(shutdown);
+    let Some((store, report)) = open_store(&cfg, &mut shutdown).await? else {
+        tracing::info!("stopped while waiting for the store");
+        return Ok(Exit::Stopped);
+    };
     if let Some(aside) = &report.moved_aside_to {
         tracing::error!(aside = %aside.display(), salvaged = report.salvaged_records, error = ?report.open_error,
             "THE STORE COULD NOT BE OPENED: it was moved aside and a fresh store started; inspect the old one with outbox-dump");
@@ -125,7 +190,7 @@ pub async fn run(
     tracing::info!(dir = %store.dir().display(), pending_keys = stats.pending_keys, log_backlog = stats.log_backlog,
         quarantine = stats.quarantine_keys, created = report.created, "store open");
 
-    let compactor = crate::compactor::spawn(store.clone())
+    let compactor = crate::compactor::spawn_with(store.clone(), cfg.store.compact_batch_max)
         .map_err(|e| StartError::Other(format!("cannot start compactor: {e}")))?;
     let client = match &cfg.flux.url {
         Some(url) => Some(FluxClient::new(client_config(&cfg, url))?),
@@ -192,12 +257,29 @@ pub async fn run(
     let disk_store = store.clone();
     let mut disk_stop = stop_rx.clone();
     let shrink_above = cfg.store.shrink_when_drained_above;
+    let (restart_tx, mut restart_rx) = watch::channel(false);
+    let data_dir = cfg.data_dir.clone();
     let disk_task = tokio::spawn(async move {
         let mut tick: u64 = 0;
         loop {
             let s = disk_store.clone();
             let _ = tokio::task::spawn_blocking(move || s.refresh_disk_bytes()).await;
             tick += 1;
+            // sled fails every write of a handle after one I/O error: once the cause looks
+            // gone (space is free again), restart in place to reopen the store.
+            if let Some((at_ms, error)) = disk_store.storage_failed() {
+                let since = Duration::from_millis(crate::model::now_ms().saturating_sub(at_ms));
+                let free = free_bytes(&data_dir).unwrap_or(0);
+                if tick % 10 == 0 {
+                    tracing::error!(%error, free_bytes = free, "STORAGE WRITES FAIL: new updates get 507 until the store is reopened");
+                }
+                if since >= RESTART_AFTER_FAILURE && free >= RESTART_FREE_BYTES_MIN {
+                    tracing::error!(%error, free_bytes = free,
+                        "storage writes failed and space is available again: restarting in place to reopen the store");
+                    let _ = restart_tx.send(true);
+                    return;
+                }
+            }
             // A drained store rotates to a fresh one so disk use returns to a few MB; checked
             // every 30 s (cheap: it returns at once while anything is pending).
             if tick % 30 == 0 {
@@ -227,9 +309,15 @@ pub async fn run(
         store: store.clone(),
         metrics: metrics.clone(),
     });
-    shutdown.await;
+    let exit = tokio::select! {
+        _ = shutdown.as_mut() => Exit::Stopped,
+        _ = restart_rx.wait_for(|r| *r) => Exit::Restart,
+    };
 
-    tracing::info!("shutting down: refusing new updates, finishing requests in flight");
+    tracing::info!(
+        ?exit,
+        "shutting down: refusing new updates, finishing requests in flight"
+    );
     state.shutting_down.store(true, Ordering::SeqCst);
     let _ = stop_tx.send(true);
     // Graceful shutdown waits for every open connection; a producer that never finishes its
@@ -279,12 +367,17 @@ pub async fn run(
         }
     }
     let s = store.clone();
-    tokio::task::spawn_blocking(move || s.close())
+    let closed = tokio::task::spawn_blocking(move || s.close())
         .await
-        .map_err(|e| StartError::Other(format!("close task failed: {e}")))??;
+        .map_err(|e| StartError::Other(format!("close task failed: {e}")))?;
+    match (closed, exit) {
+        // The handle is the broken one being replaced: acknowledged data is already durable.
+        (Err(e), Exit::Restart) => tracing::warn!(error = %e, "closing the failed store handle"),
+        (r, _) => r?,
+    }
     let stats = store.stats();
-    tracing::info!(pending_keys = stats.pending_keys, "store closed; exiting");
-    Ok(())
+    tracing::info!(pending_keys = stats.pending_keys, ?exit, "store closed");
+    Ok(exit)
 }
 
 async fn serve(listener: TcpListener, router: axum::Router, mut stop: watch::Receiver<bool>) {

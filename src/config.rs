@@ -306,7 +306,7 @@ impl Default for StoreConfig {
             pending_keys_max: 2_000_000,
             disk_bytes_max: 4 * 1024 * MIB,
             cache_bytes: 16 * MIB,
-            compact_batch_max: 10_000,
+            compact_batch_max: crate::compactor::STEP_RECORDS_MAX,
             shrink_when_drained_above: 64 * MIB,
         }
     }
@@ -625,6 +625,10 @@ impl Config {
         }
         if f.batch_events_max > 100_000 {
             return Err(invalid("flush.batch_events_max", "must be at most 100000"));
+        }
+        if self.store.compact_batch_max > 100_000 {
+            // One step is one atomic batch held under the state lock.
+            return Err(invalid("store.compact_batch_max", "must be at most 100000"));
         }
         if f.in_flight_max > 64 || f.read_concurrency > 256 {
             let key = if f.in_flight_max > 64 {
@@ -1024,6 +1028,24 @@ mod tests {
         c.resolve().unwrap();
         c.validate().unwrap();
         assert_eq!(c.flux.source, Some(format!("outbox-{}", c.gateway_id)));
+    }
+
+    #[test]
+    fn compact_batch_max_is_read_and_bounded() {
+        assert_eq!(
+            Config::default().store.compact_batch_max,
+            crate::compactor::STEP_RECORDS_MAX
+        );
+        let mut c = parse("[store]\ncompact_batch_max = 500\n").unwrap();
+        assert_eq!(c.store.compact_batch_max, 500);
+        c.resolve().unwrap();
+        c.validate().unwrap();
+        for bad in ["0", "100001"] {
+            let mut c = parse(&format!("[store]\ncompact_batch_max = {bad}\n")).unwrap();
+            c.resolve().unwrap();
+            let e = c.validate().unwrap_err().to_string();
+            assert!(e.contains("store.compact_batch_max"), "{e}");
+        }
     }
 
     #[test]

@@ -5,7 +5,8 @@
 //! posts NDJSON to the worker. Part-way it cuts the link to Flux, then kills the worker with
 //! SIGKILL and restarts it, then restores the link. At the end it waits for the outbox to drain
 //! and checks, key by key, that Flux holds the newest value the worker acknowledged (or a newer
-//! one whose answer the kill cut off). Exit status 0 only when every key checks out.
+//! one whose answer the kill cut off). Exit status 0 only when every key checks out. Every
+//! value the feed sends is unique per key ([`feed_update`]), so a stale value fails the check.
 
 use std::collections::BTreeMap;
 use std::io::Write as _;
@@ -295,6 +296,29 @@ async fn progress(
     }
 }
 
+/// The `n`-th update of the synthetic feed: (entity, property, value). Keys cycle through the
+/// sites, assets and tags; every value carries the feed counter `n`, so no two updates of a key
+/// ever have the same value and the final check cannot mistake a stale value for the newest.
+pub fn feed_update(n: u64) -> (String, String, Value) {
+    let site = (n as usize) % SITES + 1;
+    let asset = (n as usize / SITES) % ASSETS_PER_SITE + 1;
+    let tag_index = (n as usize / (SITES * ASSETS_PER_SITE)) % TAGS.len();
+    let tag = TAGS[tag_index];
+    let entity = format!("scada/asset/site-{site}/tr-{asset:02}");
+    let prop = format!("tag/TR-{asset:02}.{tag}");
+    let value = if tag == "STATUS" {
+        let state = ["OK", "WARNING", "CRITICAL"][((n / 7) % 3) as usize];
+        json!(format!("{state} #{n}"))
+    } else {
+        // A nominal raw count per tag plus n: strictly increasing, so unique per update. An
+        // integer on purpose: a decimal fraction may not survive a JSON round trip bit for bit
+        // (serde_json parses floats to within one ulp), and the check compares exactly.
+        let nominal: u64 = [600, 4_000, 110_000, 500][tag_index];
+        json!(nominal + n)
+    };
+    (entity, prop, value)
+}
+
 async fn feed(
     http: reqwest::Client,
     ingest: String,
@@ -312,16 +336,7 @@ async fn feed(
         for _ in 0..FEED_BATCH {
             n += 1;
             ts += 1;
-            let site = (n as usize) % SITES + 1;
-            let asset = (n as usize / SITES) % ASSETS_PER_SITE + 1;
-            let tag = TAGS[(n as usize / (SITES * ASSETS_PER_SITE)) % TAGS.len()];
-            let entity = format!("scada/asset/site-{site}/tr-{asset:02}");
-            let prop = format!("tag/TR-{asset:02}.{tag}");
-            let value = if tag == "STATUS" {
-                json!(["OK", "WARNING", "CRITICAL"][(n % 3) as usize])
-            } else {
-                json!((n % 1000) as f64 / 10.0)
-            };
+            let (entity, prop, value) = feed_update(n);
             lines.push_str(
                 &json!({"entity": entity, "properties": {prop.clone(): value.clone()}, "ts": ts})
                     .to_string(),

@@ -35,13 +35,19 @@
 //! Repairs are sent directly (never re-ingested with a forged version, which could beat a newer
 //! value of the same timestamp and which the conflict rules would mistake for another writer)
 //! and only between drains, so they never overlap a claimed write of the same entity; a key with
-//! a newer pending value is left to the normal flush. Suspects live in memory; after a restart,
-//! pending keys whose last attempt had an unknown outcome are suspect again (any difference is
-//! then treated as a late write, since the sent values are no longer known).
+//! a newer pending value is left to the normal flush. Suspects are kept in memory AND in the
+//! store (`S` records, written in the same atomic batch as the settle that changes them), so a
+//! worker killed after delivering the newer value still repairs the late write after a restart.
+//! Pending keys whose last attempt had an unknown outcome are suspect again after a restart too
+//! (covering a record lost with an unflushed write; any difference then counts as a late write).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+// tokio's clock (the same as std's outside tests): the loop's timers and the convergence
+// schedule then run under paused test time too.
+use tokio::time::Instant;
 
 use futures_util::stream::{self, StreamExt};
 use serde_json::{Map, Value};
@@ -53,6 +59,7 @@ use crate::flux_client::{
 use crate::merge::{self, ConflictPolicy, Delivered, MergeOptions, PropertyWrite, Remote};
 use crate::metrics::{LinkState, Metrics};
 use crate::model::{now_ms, value_hash, PropKey, Version, DELETE_PROPERTY, EVENT_BYTES_MAX};
+use crate::record::SuspectRecord;
 use crate::store::{Claim, ClaimLimits, ClaimedEvent, ClaimedProp, Outcome, Settlement, Store};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -109,7 +116,7 @@ impl Default for FlushOptions {
 }
 
 /// What this worker last put into Flux for one property of a suspect entity.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, serde::Serialize, serde::Deserialize)]
 struct Expected {
     /// The value as sent (merged where read-merge-write merged), or Flux's own value for a no-op.
     value: Value,
@@ -135,6 +142,60 @@ struct Suspect {
     until: Option<Instant>,
     next_check: Option<Instant>,
     check_every: Duration,
+}
+
+/// A [`Suspect`] as the store keeps it (`S` records): everything but the read-back schedule,
+/// which restarts at load.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct SuspectDisk {
+    unknown_hashes: HashMap<String, HashSet<u64>>,
+    unknown_delete: bool,
+    unknown_any: bool,
+    expected: HashMap<String, Expected>,
+    deleted: Option<Expected>,
+}
+
+impl Suspect {
+    fn to_record(&self, now: Instant) -> SuspectRecord {
+        let left = self
+            .until
+            .map_or(Duration::ZERO, |u| u.saturating_duration_since(now));
+        let disk = SuspectDisk {
+            unknown_hashes: self.unknown_hashes.clone(),
+            unknown_delete: self.unknown_delete,
+            unknown_any: self.unknown_any,
+            expected: self.expected.clone(),
+            deleted: self.deleted.clone(),
+        };
+        SuspectRecord {
+            until_ms: now_ms().saturating_add(left.as_millis() as u64),
+            // Serializing plain maps of strings, numbers and JSON values cannot fail.
+            state: serde_json::to_vec(&disk).unwrap_or_default(),
+        }
+    }
+
+    /// None when the record's state does not parse (then the entity is watched with
+    /// `unknown_any`, the restart rule for lost memory).
+    fn from_record(r: &SuspectRecord, now: Instant) -> Suspect {
+        let left = Duration::from_millis(r.until_ms.saturating_sub(now_ms()));
+        let until = Some(now + left);
+        match serde_json::from_slice::<SuspectDisk>(&r.state) {
+            Ok(d) => Suspect {
+                unknown_hashes: d.unknown_hashes,
+                unknown_delete: d.unknown_delete,
+                unknown_any: d.unknown_any,
+                expected: d.expected,
+                deleted: d.deleted,
+                until,
+                ..Suspect::default()
+            },
+            Err(_) => Suspect {
+                unknown_any: true,
+                until,
+                ..Suspect::default()
+            },
+        }
+    }
 }
 
 /// Most suspect entities remembered (bounds memory during a long outage); past it the ones whose
@@ -232,6 +293,25 @@ impl Flusher {
     /// an unknown outcome says its entity may still get a late write: watch it again.
     fn restore_suspects(&self) {
         const RESTORE_SCAN_MAX: usize = 100_000;
+        let now = Instant::now();
+        // What the convergence memory held when the worker stopped (it is written with every
+        // settle that changes it): an entity whose newer value was delivered is still watched.
+        match self.store.suspects(SUSPECTS_MAX) {
+            Ok(recs) => {
+                let mut suspects = self.suspects.lock().unwrap_or_else(|p| p.into_inner());
+                for (entity, r) in recs {
+                    let mut sus = Suspect::from_record(&r, now);
+                    // The read-back schedule restarts; an expired window still gets one check.
+                    sus.check_every = self.opts.convergence_check_initial;
+                    sus.next_check = Some(now + self.opts.convergence_check_initial);
+                    if sus.until.is_some_and(|u| u <= now) {
+                        sus.until = sus.next_check;
+                    }
+                    suspects.insert(entity, sus);
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot read the convergence records"),
+        }
         let rows = match self.store.pending_rows(None, None, RESTORE_SCAN_MAX) {
             Ok(rows) => rows,
             Err(e) => {
@@ -247,11 +327,10 @@ impl Flusher {
             {
                 let s = suspects.entry(r.entity.clone()).or_default();
                 s.unknown_any = true;
+                if s.until.is_none() {
+                    self.arm(s, now);
+                }
             }
-        }
-        let now = Instant::now();
-        for s in suspects.values_mut() {
-            self.arm(s, now);
         }
     }
 
@@ -265,20 +344,15 @@ impl Flusher {
     /// Runs until `shutdown` turns true, then returns (the caller runs one last bounded
     /// `drain_once`).
     ///
-    /// Trigger: a drain starts when `interval` has passed since the last one, when a full batch
-    /// of keys is pending, or right after a back-off delay (the back-off, not the interval, then
-    /// decides when failed keys are tried again).
+    /// Triggers: a drain starts when `interval` has passed since the last one, when a full batch
+    /// of EVENTS is pending (`batch_events_max` entities; one event per entity), when the bytes
+    /// acknowledged by ingest since the last drain reach `batch_bytes_max` (a full batch by
+    /// size: read from an in-memory counter of the store, no scan), or right after a back-off
+    /// delay (the back-off, not the interval, then decides when failed keys are tried again).
     pub async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
-        let mut backoff = Backoff::new(
-            self.opts.backoff_initial,
-            self.opts.backoff_max,
-            2.0,
-            Jitter::Full,
-        );
-        if let Some(seed) = self.opts.backoff_seed {
-            backoff = backoff.with_seed(seed);
-        }
+        let mut pacer = RetryPacer::new(&self.opts);
         let mut last_flush = Instant::now();
+        let mut bytes_at_last_flush = self.store.ingested_bytes();
         let mut retry_due = false;
         let poll = Duration::from_millis(50).min(self.opts.interval);
         loop {
@@ -287,34 +361,29 @@ impl Flusher {
                 return;
             }
             let stats = self.store.stats();
+            let ingested = self.store.ingested_bytes();
             let due = retry_due
                 || last_flush.elapsed() >= self.opts.interval
-                || stats.pending_keys >= self.opts.batch_events_max as u64;
+                || flush_due_by_size(
+                    &stats,
+                    ingested.saturating_sub(bytes_at_last_flush),
+                    &self.opts,
+                );
             if due && stats.pending_keys > 0 {
                 last_flush = Instant::now();
+                bytes_at_last_flush = ingested;
                 retry_due = false;
                 let delivered_before = stats.delivered;
-                match self.drain_once().await {
-                    LinkVerdict::Ok => backoff.reset(),
-                    verdict => {
-                        // Progress in this drain means the link works: a few unknown events
-                        // among many delivered ones must not push the worker to the slow cap.
-                        if self.store.stats().delivered > delivered_before {
-                            backoff.reset();
-                        }
-                        let delay = backoff_delay(verdict, &mut backoff, &self.opts);
-                        tracing::warn!(
-                            delay_ms = delay.as_millis() as u64,
-                            ?verdict,
-                            "flush backing off"
-                        );
-                        tokio::select! {
-                            _ = tokio::time::sleep(delay) => {}
-                            _ = shutdown.changed() => {}
-                        }
-                        retry_due = true;
-                        continue;
-                    }
+                let verdict = self.drain_once().await;
+                // Progress in this drain means the link works: a few unknown events among many
+                // delivered ones must not push the worker to the slow cap.
+                if verdict == LinkVerdict::Ok || self.store.stats().delivered > delivered_before {
+                    pacer.reset();
+                }
+                if verdict != LinkVerdict::Ok {
+                    pacer.pause(verdict, &mut shutdown).await;
+                    retry_due = true;
+                    continue;
                 }
             }
             if let Err(e) = self.converge().await {
@@ -379,7 +448,7 @@ impl Flusher {
         let delivered_any = settlements
             .iter()
             .any(|s| matches!(s.outcome, Outcome::Delivered { .. }));
-        self.track_suspects(&settlements, &sent);
+        let suspect_writes = self.track_suspects(&settlements, &sent);
         // Every claimed key gets a settlement; anything the code above missed is retried.
         let settled: HashSet<PropKey> = settlements.iter().map(|s| s.key.clone()).collect();
         for ev in events {
@@ -397,11 +466,12 @@ impl Flusher {
                 }
             }
         }
-        match self.store.settle(settlements) {
+        match self.store.settle_noting(settlements, suspect_writes) {
             Ok(()) => guard.settled(),
             Err(e) => {
                 // Dropping the guard releases the claim: the batch will be resent.
                 tracing::error!(error = %e, "settle failed; the batch will be resent");
+                self.store.note_storage_failure(&e);
                 drop(guard);
             }
         }
@@ -848,13 +918,21 @@ impl Flusher {
 
     /// Records unknown outcomes (the entity becomes suspect) and, for suspect entities, what
     /// was delivered since. `sent` holds the value Flux holds after each key's success.
-    fn track_suspects(&self, settlements: &[Settlement], sent: &HashMap<PropKey, Value>) {
+    /// Returns the convergence records to write with the settle (durable memory, so that a
+    /// restart still repairs a late write).
+    fn track_suspects(
+        &self,
+        settlements: &[Settlement],
+        sent: &HashMap<PropKey, Value>,
+    ) -> Vec<(String, Option<SuspectRecord>)> {
         let mut suspects = self.suspects.lock().unwrap_or_else(|p| p.into_inner());
         let now = Instant::now();
+        let mut changed: HashSet<String> = HashSet::new();
         for s in settlements {
             let entity = &s.key.entity;
             match &s.outcome {
                 Outcome::Retry { error } if error.starts_with(SUSPECT_TAG) => {
+                    changed.insert(entity.clone());
                     let sus = suspects.entry(entity.clone()).or_default();
                     self.arm(sus, now);
                     if s.key.is_delete() {
@@ -872,6 +950,7 @@ impl Flusher {
                     let Some(sus) = suspects.get_mut(entity) else {
                         continue;
                     };
+                    changed.insert(entity.clone());
                     let version = s.sent.version();
                     if sus.deleted.as_ref().is_some_and(|d| d.version >= version) {
                         continue;
@@ -914,7 +993,26 @@ impl Flusher {
             );
             for (_, e) in ends.into_iter().take(excess) {
                 suspects.remove(&e);
+                changed.insert(e);
             }
+        }
+        changed
+            .into_iter()
+            .map(|e| {
+                let rec = suspects.get(&e).map(|s| s.to_record(now));
+                (e, rec)
+            })
+            .collect()
+    }
+
+    /// Writes one entity's convergence record as it now stands in memory (removed if gone).
+    fn persist_suspect(&self, entity: &str) {
+        let rec = {
+            let suspects = self.suspects.lock().unwrap_or_else(|p| p.into_inner());
+            suspects.get(entity).map(|s| s.to_record(Instant::now()))
+        };
+        if let Err(e) = self.store.note_suspects(vec![(entity.to_string(), rec)]) {
+            tracing::warn!(entity, error = %e, "cannot write the convergence record");
         }
     }
 
@@ -974,6 +1072,8 @@ impl Flusher {
                 // That was the check at the end of the window (and no new unknown outcome
                 // re-armed it meanwhile): the entity is no longer suspect.
                 suspects.remove(&entity);
+                drop(suspects);
+                self.persist_suspect(&entity);
             } else {
                 s.check_every = (s.check_every * 2).max(Duration::from_millis(1));
                 s.next_check = Some((now + s.check_every).min(until));
@@ -1111,23 +1211,91 @@ impl Flusher {
     /// the newest value, but remember its hash so the comparison stays exact) and re-arms the
     /// entity's window.
     fn note_unknown(&self, entity: &str, keys: &[Vec<(String, u64)>]) {
-        let mut suspects = self.suspects.lock().unwrap_or_else(|p| p.into_inner());
-        let sus = suspects.entry(entity.to_string()).or_default();
-        self.arm(sus, Instant::now());
-        for (name, hash) in keys.iter().flatten() {
-            if name == DELETE_PROPERTY {
-                sus.unknown_delete = true;
-            } else {
-                sus.unknown_hashes
-                    .entry(name.clone())
-                    .or_default()
-                    .insert(*hash);
+        {
+            let mut suspects = self.suspects.lock().unwrap_or_else(|p| p.into_inner());
+            let sus = suspects.entry(entity.to_string()).or_default();
+            self.arm(sus, Instant::now());
+            for (name, hash) in keys.iter().flatten() {
+                if name == DELETE_PROPERTY {
+                    sus.unknown_delete = true;
+                } else {
+                    sus.unknown_hashes
+                        .entry(name.clone())
+                        .or_default()
+                        .insert(*hash);
+                }
             }
         }
+        self.persist_suspect(entity);
     }
 }
 
 const SUSPECT_TAG: &str = "unknown outcome: ";
+
+/// Whether enough is pending for a full batch without waiting for the interval: a full batch of
+/// events (one event per pending entity) or, by size, `ingested_since` bytes acknowledged by
+/// ingest since the last drain reaching `batch_bytes_max`.
+pub fn flush_due_by_size(
+    stats: &crate::store::Stats,
+    ingested_since: u64,
+    opts: &FlushOptions,
+) -> bool {
+    stats.pending_entities >= opts.batch_events_max.max(1) as u64
+        || ingested_since >= opts.batch_bytes_max.max(1) as u64
+}
+
+/// The flush loop's pause between failed drains: owns the back-off state and does the sleeping
+/// on tokio's clock (so the schedule is tested under paused time). Exponential from
+/// `backoff_initial`, doubling per failed drain, capped at `backoff_max`, full jitter (uniform
+/// in `[0, base]`); a 429's Retry-After is waited exactly (bounded, see [`backoff_delay`]); a
+/// refused token waits the cap. A shutdown ends the pause early.
+pub struct RetryPacer {
+    backoff: Backoff,
+    opts: FlushOptions,
+}
+
+impl RetryPacer {
+    pub fn new(opts: &FlushOptions) -> Self {
+        let mut backoff = Backoff::new(opts.backoff_initial, opts.backoff_max, 2.0, Jitter::Full);
+        if let Some(seed) = opts.backoff_seed {
+            backoff = backoff.with_seed(seed);
+        }
+        RetryPacer {
+            backoff,
+            opts: opts.clone(),
+        }
+    }
+
+    /// A drain made progress: the next failure starts again from `backoff_initial`.
+    pub fn reset(&mut self) {
+        self.backoff.reset();
+    }
+
+    /// Failed drains since the last reset.
+    pub fn attempt(&self) -> u32 {
+        self.backoff.attempt()
+    }
+
+    /// Sleeps the pause that follows a drain ending with `verdict` (not `Ok`); returns the delay
+    /// chosen. Returns early when `shutdown` changes.
+    pub async fn pause(
+        &mut self,
+        verdict: LinkVerdict,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> Duration {
+        let delay = backoff_delay(verdict, &mut self.backoff, &self.opts);
+        tracing::warn!(
+            delay_ms = delay.as_millis() as u64,
+            ?verdict,
+            "flush backing off"
+        );
+        tokio::select! {
+            _ = tokio::time::sleep(delay) => {}
+            _ = shutdown.changed() => {}
+        }
+        delay
+    }
+}
 
 /// The pause after a drain that ended with `verdict` (not `Ok`): a refused token waits the slow
 /// cap; a 429's Retry-After is honoured (bounded by the larger of the cap and 60 s, Flux's
@@ -1228,5 +1396,168 @@ fn retry_all(events: &[ClaimedEvent], error: &str, out: &mut Vec<Settlement>) {
                 },
             });
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn opts(seed: u64) -> FlushOptions {
+        FlushOptions {
+            backoff_initial: Duration::from_millis(100),
+            backoff_max: Duration::from_millis(1600),
+            backoff_seed: Some(seed),
+            ..FlushOptions::default()
+        }
+    }
+
+    fn base(attempt: u32) -> Duration {
+        (Duration::from_millis(100) * 2u32.pow(attempt.min(16))).min(Duration::from_millis(1600))
+    }
+
+    /// The loop's pause sleeps exactly the delay it chose, on tokio's clock.
+    async fn timed_pause(
+        p: &mut RetryPacer,
+        v: LinkVerdict,
+        rx: &mut watch::Receiver<bool>,
+    ) -> Duration {
+        let t0 = Instant::now();
+        let d = p.pause(v, rx).await;
+        // tokio's timer wheel rounds a deadline up to the next millisecond.
+        let slept = t0.elapsed();
+        assert!(
+            slept >= d && slept <= d + Duration::from_millis(1),
+            "slept {slept:?} for a delay of {d:?}"
+        );
+        d
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn backoff_is_exponential_with_full_jitter_up_to_the_cap_under_paused_time() {
+        let (_tx, mut rx) = watch::channel(false);
+        // Many seeded workers: per attempt, every delay is within [0, base] and the largest one
+        // comes close to the base, so the base really doubles up to the cap.
+        const WORKERS: u64 = 40;
+        const ATTEMPTS: u32 = 8;
+        let mut max = vec![Duration::ZERO; ATTEMPTS as usize];
+        let mut min = vec![Duration::MAX; ATTEMPTS as usize];
+        for seed in 0..WORKERS {
+            let mut p = RetryPacer::new(&opts(seed));
+            for a in 0..ATTEMPTS {
+                assert_eq!(p.attempt(), a);
+                let d = timed_pause(&mut p, LinkVerdict::Unknown, &mut rx).await;
+                assert!(d <= base(a), "attempt {a}: {d:?} over base {:?}", base(a));
+                max[a as usize] = max[a as usize].max(d);
+                min[a as usize] = min[a as usize].min(d);
+            }
+        }
+        for a in 0..ATTEMPTS {
+            let b = base(a);
+            assert!(
+                max[a as usize] >= b * 8 / 10,
+                "attempt {a}: max {:?}",
+                max[a as usize]
+            );
+            // Jitter: the workers do not retry in lock-step.
+            assert!(
+                min[a as usize] <= b * 3 / 10,
+                "attempt {a}: min {:?}",
+                min[a as usize]
+            );
+        }
+        assert_eq!(
+            base(4),
+            Duration::from_millis(1600),
+            "capped from attempt 4 on"
+        );
+        // Same seed, same schedule (tests can predict it).
+        let mut a = RetryPacer::new(&opts(5));
+        let mut b = RetryPacer::new(&opts(5));
+        for _ in 0..6 {
+            assert_eq!(
+                timed_pause(&mut a, LinkVerdict::Unknown, &mut rx).await,
+                timed_pause(&mut b, LinkVerdict::Unknown, &mut rx).await
+            );
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn progress_resets_the_backoff_under_paused_time() {
+        let (_tx, mut rx) = watch::channel(false);
+        let mut p = RetryPacer::new(&opts(1));
+        for _ in 0..6 {
+            timed_pause(&mut p, LinkVerdict::Unknown, &mut rx).await;
+        }
+        p.reset();
+        assert_eq!(p.attempt(), 0);
+        let d = timed_pause(&mut p, LinkVerdict::Unknown, &mut rx).await;
+        assert!(d <= Duration::from_millis(100), "{d:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn retry_after_and_auth_pauses_under_paused_time() {
+        let (_tx, mut rx) = watch::channel(false);
+        let mut p = RetryPacer::new(&opts(2));
+        // 429 with Retry-After: exactly that long, even far above the exponential schedule.
+        let d = timed_pause(
+            &mut p,
+            LinkVerdict::RateLimited(Some(Duration::from_secs(7))),
+            &mut rx,
+        )
+        .await;
+        assert_eq!(d, Duration::from_secs(7));
+        // Bounded by the larger of the cap and Flux's fixed 60 s.
+        let d = timed_pause(
+            &mut p,
+            LinkVerdict::RateLimited(Some(Duration::from_secs(3600))),
+            &mut rx,
+        )
+        .await;
+        assert_eq!(d, Duration::from_secs(60));
+        // Per-event rate limit (no Retry-After): the exponential back-off.
+        let mut p = RetryPacer::new(&opts(2));
+        let d = timed_pause(&mut p, LinkVerdict::RateLimited(None), &mut rx).await;
+        assert!(d <= Duration::from_millis(100), "{d:?}");
+        // A refused token: the slow cap, every time.
+        for _ in 0..3 {
+            let d = timed_pause(&mut p, LinkVerdict::Auth, &mut rx).await;
+            assert_eq!(d, Duration::from_millis(1600));
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn shutdown_ends_a_pause_early() {
+        let (tx, mut rx) = watch::channel(false);
+        let mut p = RetryPacer::new(&opts(3));
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+            let _ = tx.send(true);
+            // Keep the sender alive until the pause saw the change.
+            tokio::time::sleep(Duration::from_secs(3600)).await;
+        });
+        let t0 = Instant::now();
+        let d = p.pause(LinkVerdict::Auth, &mut rx).await;
+        assert_eq!(d, Duration::from_millis(1600));
+        assert_eq!(t0.elapsed(), Duration::from_millis(10));
+    }
+
+    #[test]
+    fn size_triggers_count_events_and_bytes() {
+        let o = FlushOptions {
+            batch_events_max: 3,
+            batch_bytes_max: 1000,
+            ..FlushOptions::default()
+        };
+        let st = |keys, entities| crate::store::Stats {
+            pending_keys: keys,
+            pending_entities: entities,
+            ..Default::default()
+        };
+        // Many keys of one entity are one event: not a full batch by count.
+        assert!(!flush_due_by_size(&st(50, 1), 0, &o));
+        assert!(flush_due_by_size(&st(3, 3), 0, &o));
+        assert!(!flush_due_by_size(&st(1, 1), 999, &o));
+        assert!(flush_due_by_size(&st(1, 1), 1000, &o));
     }
 }

@@ -191,9 +191,14 @@ pub fn store_error(metrics: &Metrics, e: StoreError, n: u64) -> Response {
         }
         StoreError::Storage(_) => {
             metrics.reject("storage_error", n);
+            // The write may have reached sled and only the sync failed: then the updates can
+            // still be delivered later. Promise only what is true: not acknowledged.
             error(
                 StatusCode::INSUFFICIENT_STORAGE,
-                format!("{e}; nothing of this request was stored"),
+                format!(
+                    "{e}; the request was NOT acknowledged: it may or may not have been stored \
+                     (it may still be delivered); retry it, newest-wins makes a retry safe"
+                ),
             )
         }
         StoreError::Closed => {
@@ -290,5 +295,27 @@ async fn post_flux_batch(
             Json(json!({ "successful": n, "failed": 0, "results": results })).into_response()
         }
         Err(r) => r,
+    }
+}
+
+#[cfg(test)]
+mod storage_error_message_tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_storage_error_never_claims_that_nothing_was_stored() {
+        let metrics = Metrics::new(false);
+        let r = store_error(&metrics, StoreError::Storage("fdatasync: EIO".into()), 3);
+        assert_eq!(r.status(), StatusCode::INSUFFICIENT_STORAGE);
+        let body = axum::body::to_bytes(r.into_body(), 1 << 16)
+            .await
+            .expect("body");
+        let text = String::from_utf8_lossy(&body);
+        assert!(text.contains("NOT acknowledged"), "{text}");
+        assert!(text.contains("may or may not have been stored"), "{text}");
+        assert!(
+            !text.contains("nothing of this request was stored"),
+            "{text}"
+        );
     }
 }

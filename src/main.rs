@@ -32,6 +32,7 @@ enum Command {
     },
     /// Validate the configuration and print the effective values (tokens redacted).
     CheckConfig {
+        /// Configuration file (TOML) to check. Without it: defaults plus environment overrides.
         #[arg(long, short)]
         config: Option<PathBuf>,
     },
@@ -57,6 +58,21 @@ fn init_logs(format: LogFormat, default_level: &str) {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
     }
+}
+
+/// Re-executes this program with its arguments; returns only if that failed.
+fn restart_in_place() -> ExitCode {
+    use std::os::unix::process::CommandExt;
+    let mut args = std::env::args_os();
+    let argv0 = args.next().unwrap_or_else(|| "flux-outbox".into());
+    tracing::warn!("restarting in place");
+    // /proc/self/exe is this very binary even if the file was replaced since it started.
+    let err = std::process::Command::new("/proc/self/exe")
+        .arg0(argv0)
+        .args(args)
+        .exec();
+    eprintln!("flux-outbox: cannot restart in place: {err}");
+    ExitCode::FAILURE
 }
 
 fn main() -> ExitCode {
@@ -114,7 +130,14 @@ fn main() -> ExitCode {
                 },
             ));
             match result {
-                Ok(()) => ExitCode::SUCCESS,
+                Ok(flux_outbox::app::Exit::Stopped) => ExitCode::SUCCESS,
+                Ok(flux_outbox::app::Exit::Restart) => {
+                    // A fresh process image reopens the store (sled's I/O errors are sticky
+                    // for a handle's life); same pid, arguments and environment, so systemd
+                    // keeps supervising it as the same service.
+                    rt.shutdown_timeout(std::time::Duration::from_secs(5));
+                    restart_in_place()
+                }
                 Err(e) => {
                     tracing::error!("{e}");
                     eprintln!("flux-outbox: {e}");

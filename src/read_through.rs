@@ -20,6 +20,17 @@
 //! Quarantined values are not shown (they will not be delivered). `lastUpdated` is Flux's when
 //! nothing is overlaid, else the newest of Flux's and the overlaid values' arrival times.
 //!
+//! `flush.conflict_policy` and `flush.merge` are not applied to the overlay: a pending value
+//! shows as the gateway holds it, which is what it will write under the default `overwrite`
+//! policy. Under `keep-remote` a key that someone else changed in Flux after this gateway last
+//! delivered it is not written; the overlay still shows the pending value until the flusher's
+//! next round settles the key (it then leaves the pending set, and reads show Flux's value). In
+//! read-merge-write mode an object value shows as sent by the producer, not merged with the
+//! fields others set inside Flux's value. Deciding either needs the delivery record and the
+//! merge rules of the flusher per key on every read; a read that mirrors them exactly would
+//! still be a prediction (Flux may change before the flusher reads it), so reads stay simple
+//! and cheap. During an outage (`unreachable`) neither can be decided anyway.
+//!
 //! Why the uncompacted log is read too: ingest acknowledges before the compactor folds an update
 //! into the pending set, and a client reading straight after its write must see it. The log is
 //! read before the pending set, so an update moving from one to the other in between is seen.

@@ -155,6 +155,17 @@ impl TombstoneRecord {
     }
 }
 
+/// The flush worker's convergence memory of one entity (key: `S` + entity): an entity with a
+/// write of unknown outcome that Flux may still apply late. Durable so that a restart still
+/// repairs such a late write after the newer value was delivered (and deleted from pending).
+/// `state` is the flusher's own JSON encoding (it holds JSON values, which bincode cannot).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SuspectRecord {
+    /// End of the convergence window, epoch ms.
+    pub until_ms: u64,
+    pub state: Vec<u8>,
+}
+
 /// Counters kept in the store (meta key `counters`), written in the same atomic batch as the
 /// changes they count, so they agree with the contents after any crash.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]

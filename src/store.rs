@@ -29,6 +29,7 @@
 //! | `D`    | keyenc                      | [`DeliveredRecord`]: last delivered version and value hash |
 //! | `T`    | entity                      | [`TombstoneRecord`]: newest delete version of the entity |
 //! | `Q`    | keyenc                      | [`QuarantineRecord`]: rejected for good, with the reason |
+//! | `S`    | entity                      | [`SuspectRecord`]: the flusher's convergence memory (unknown outcomes) |
 //! | `X`    | ordinal u64 BE + original key | raw bytes of a record set aside as corrupt |
 //!
 //! `keyenc(e, p)` = entity length (u32 BE) + entity bytes + property bytes: unambiguous for any
@@ -48,7 +49,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::model::{now_ms, PropKey, Update, UpdateOp, Version, DELETE_PROPERTY};
 use crate::record::{
     self, Counters, DecodeError, DeliveredRecord, LogRecord, PendingRecord, QuarantineRecord,
-    TombstoneRecord, FORMAT_VERSION,
+    SuspectRecord, TombstoneRecord, FORMAT_VERSION,
 };
 
 const META_FORMAT: &[u8] = b"Mformat_version";
@@ -108,6 +109,11 @@ pub enum StoreError {
     /// The disk refused the write (HTTP 507); nothing of the request was acknowledged.
     #[error("storage write failed: {0}")]
     Storage(String),
+    /// The store cannot be opened for a reason of its surroundings, not of its contents (the
+    /// disk is full, a quota, permissions, a read-only filesystem): it is left exactly as it
+    /// is; the caller waits and tries again.
+    #[error("store at {path} cannot be opened now: {reason}; it is left untouched, nothing was moved or lost")]
+    Unavailable { path: PathBuf, reason: String },
     /// Another process holds the store (the worker is running): use the admin API.
     #[error("store at {0} is locked by another process (is the worker running?)")]
     Locked(PathBuf),
@@ -311,12 +317,25 @@ struct Inner {
     /// Keys written to the log and not compacted yet: counted against the key limit so a burst
     /// of new keys cannot overshoot it by more than what is in flight.
     log_keys: AtomicU64,
+    /// Encoded log bytes acknowledged since this process opened the store (monotonic, in
+    /// memory): the flush worker's byte-size trigger compares it with its value at the last
+    /// flush, so a burst of large values is sent without waiting for the interval.
+    ingested_bytes: AtomicU64,
     disk_bytes: AtomicU64,
     /// Bytes on disk right after the last rotation: the live size. Another rotation only pays
     /// when the store has grown well past it (otherwise a large delivered-record set would
     /// rotate again and again).
     rotated_bytes: AtomicU64,
     closed: AtomicBool,
+    /// Writer liveness for the watchdog: [`writer_clock_ms`] when the writer took the commit
+    /// group it is working on off the queue; 0 while it waits for work. Two relaxed stores
+    /// per group, no extra I/O.
+    writer_busy_since: AtomicU64,
+    /// [`now_ms`] of the first storage write failure since open (0: none). sled keeps an I/O
+    /// error for the rest of the handle's life, so the worker reopens the store (a restart in
+    /// place) once the cause is gone; see [`Store::storage_failed`].
+    storage_failed_ms: AtomicU64,
+    storage_error: Mutex<Option<String>>,
 }
 
 /// Handle to the outbox engine; cheap to clone.
@@ -373,6 +392,36 @@ fn corrupt_key(ordinal: u64, original: &[u8]) -> Vec<u8> {
     let mut k = seq_key(b'X', ordinal);
     k.extend_from_slice(original);
     k
+}
+
+/// Whether a sled error comes from the store's surroundings (full disk, quota, permissions,
+/// read-only filesystem, no memory or file handles) rather than from damaged contents: such a
+/// store must never be moved aside as corrupt, only retried once the surroundings recover.
+pub fn is_environmental(e: &sled::Error) -> bool {
+    let sled::Error::Io(io) = e else {
+        return false;
+    };
+    use std::io::ErrorKind as K;
+    matches!(
+        io.kind(),
+        K::StorageFull
+            | K::QuotaExceeded
+            | K::PermissionDenied
+            | K::ReadOnlyFilesystem
+            | K::OutOfMemory
+    ) || matches!(
+        io.raw_os_error(),
+        Some(
+            libc::ENOSPC
+                | libc::EDQUOT
+                | libc::EACCES
+                | libc::EPERM
+                | libc::EROFS
+                | libc::ENOMEM
+                | libc::EMFILE
+                | libc::ENFILE
+        )
+    )
 }
 
 fn simple_key(prefix: u8, name: &str) -> Vec<u8> {
@@ -503,6 +552,46 @@ fn is_lock_error(e: &sled::Error) -> bool {
     }
 }
 
+/// Removes unusable leftovers of an interrupted sled snapshot write before sled opens `path`.
+///
+/// sled 0.34 writes a snapshot as `snap.<lsn>.generating` and renames it when complete, but
+/// when it looks for the newest snapshot at open it does not skip `.generating` files: one cut
+/// short (by a full disk during a previous open, or a crash) is taken as the newest snapshot,
+/// fails its own length/CRC check, and sled reports the whole store as corrupt. Such a file
+/// holds nothing sled could use (the log is the source of truth; the snapshot only speeds up
+/// recovery), so it is removed. A complete one (valid CRC) is left for sled to use.
+fn remove_torn_snapshots(path: &Path) {
+    let Ok(entries) = std::fs::read_dir(path) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if !(name.starts_with("snap.") && name.ends_with(".generating")) {
+            continue;
+        }
+        let p = entry.path();
+        let valid = std::fs::read(&p).is_ok_and(|buf| {
+            // sled's layout: body, u64 length, u32 CRC32 of the body.
+            buf.len() > 12 && {
+                let (body, tail) = buf.split_at(buf.len() - 12);
+                let crc = u32::from_le_bytes([tail[8], tail[9], tail[10], tail[11]]);
+                crc32fast::hash(body) == crc
+            }
+        });
+        if !valid {
+            match std::fs::remove_file(&p) {
+                Ok(()) => {
+                    tracing::warn!(file = %p.display(), "removed a torn sled snapshot left by an interrupted write")
+                }
+                Err(e) => {
+                    tracing::warn!(file = %p.display(), error = %e, "cannot remove a torn sled snapshot")
+                }
+            }
+        }
+    }
+}
+
 fn sled_config(path: &Path, opts: &StoreOptions) -> sled::Config {
     sled::Config::new()
         .path(path)
@@ -552,9 +641,16 @@ impl Store {
             created: !path.exists(),
             ..Default::default()
         };
+        remove_torn_snapshots(&path);
         let db = match sled_config(&path, &opts).open() {
             Ok(db) => db,
             Err(e) if is_lock_error(&e) => return Err(StoreError::Locked(path)),
+            Err(e) if is_environmental(&e) => {
+                return Err(StoreError::Unavailable {
+                    path,
+                    reason: e.to_string(),
+                })
+            }
             Err(e) => {
                 let aside = data_dir.join(format!("{STORE_DIR}.corrupt-{}", now_ms()));
                 tracing::error!(store = %path.display(), error = %e, aside = %aside.display(),
@@ -659,9 +755,13 @@ impl Store {
             writer: Mutex::new(None),
             next_seq: AtomicU64::new(next_seq),
             log_keys: AtomicU64::new(log_keys),
+            ingested_bytes: AtomicU64::new(0),
             disk_bytes: AtomicU64::new(0),
             rotated_bytes: AtomicU64::new(0),
             closed: AtomicBool::new(false),
+            writer_busy_since: AtomicU64::new(0),
+            storage_failed_ms: AtomicU64::new(0),
+            storage_error: Mutex::new(None),
         });
         let store = Store { inner };
         if counters_corrupt {
@@ -743,6 +843,9 @@ impl Store {
 
     fn writer_loop(&self, mut rx: mpsc::Receiver<IngestReq>) {
         while let Some(first) = rx.blocking_recv() {
+            self.inner
+                .writer_busy_since
+                .store(writer_clock_ms(), Ordering::Relaxed);
             let mut group = vec![first];
             let mut count = group[0].updates.len();
             if !self.inner.opts.group_commit_window.is_zero() {
@@ -758,12 +861,76 @@ impl Store {
                 }
             }
             self.commit_group(group);
+            // Not reached when the commit panics: the writer then stays "busy" for good, which
+            // is what it is for ingest (every request waits forever or fails).
+            self.inner.writer_busy_since.store(0, Ordering::Relaxed);
+        }
+    }
+    /// Records a failed storage write (ingest commit, settle, compaction). Only the first
+    /// failure since open is kept: sled fails every later write of this handle the same way.
+    pub fn note_storage_failure(&self, e: &StoreError) {
+        if !matches!(e, StoreError::Storage(_)) {
+            return;
+        }
+        if self
+            .inner
+            .storage_failed_ms
+            .compare_exchange(0, now_ms().max(1), Ordering::SeqCst, Ordering::SeqCst)
+            .is_ok()
+        {
+            *lock(&self.inner.storage_error) = Some(e.to_string());
         }
     }
 
+    /// The first storage write failure since open, if any: (epoch ms, error). A store handle
+    /// that failed a write keeps failing (sled's I/O errors are sticky), so the worker restarts
+    /// in place to reopen it once the cause (usually a full disk) is gone.
+    pub fn storage_failed(&self) -> Option<(u64, String)> {
+        let at = self.inner.storage_failed_ms.load(Ordering::SeqCst);
+        (at != 0).then(|| {
+            let e = lock(&self.inner.storage_error).clone().unwrap_or_default();
+            (at, e)
+        })
+    }
+
+    /// How long the writer thread has been on its current commit group (gathering, admitting,
+    /// applying, syncing, answering, or waiting for the writer gate a rotation holds), or `None`
+    /// while it waits for work. One atomic load: the watchdog reads it to tell a wedged write
+    /// path (an fsync that never returns) from an idle one, which a store read cannot see.
+    pub fn writer_busy_for(&self) -> Option<Duration> {
+        match self.inner.writer_busy_since.load(Ordering::Relaxed) {
+            0 => None,
+            since => Some(Duration::from_millis(
+                writer_clock_ms().saturating_sub(since),
+            )),
+        }
+    }
+
+    /// Test hook, not an API: holds the writer gate until the guard is dropped, so the next
+    /// commit group waits as it would behind an fsync that never returns (reads keep
+    /// answering). Only Rust code can call it; nothing in the configuration or environment
+    /// reaches it.
+    #[doc(hidden)]
+    pub fn hold_writer_gate_for_tests(&self) -> MutexGuard<'_, ()> {
+        lock(&self.inner.writer_gate)
+    }
+
     /// Whether a request may be accepted under the limits: when full, only if every key it
-    /// writes is already pending (so it cannot grow the store).
-    fn admit(&self, updates: &[Update], extra_keys: u64) -> Result<(), StoreError> {
+    /// writes is already held (so it cannot grow the store): pending, in quarantine (an update of
+    /// a quarantined key becomes pending again; the limit may be passed by at most the
+    /// quarantined keys, which are bounded by it too), in the uncompacted log, or written by a
+    /// request accepted earlier in the same commit group (`earlier`). Deletes are always
+    /// accepted: they shed keys.
+    ///
+    /// To see the log, a full store folds it first (the compactor's own step, one atomic batch
+    /// per step; the state lock serialises it with the compactor thread). This happens only when
+    /// full and only for a key found nowhere else, so the common path costs nothing extra.
+    fn admit(
+        &self,
+        updates: &[Update],
+        extra_keys: u64,
+        earlier: &[(IngestReq, u64, u64)],
+    ) -> Result<(), StoreError> {
         let pending = lock(&self.inner.state).counters.pending_keys;
         let keys = pending + self.inner.log_keys.load(Ordering::Relaxed) + extra_keys;
         // Count the request's own keys: checking only the keys already there let one request
@@ -784,13 +951,38 @@ impl Store {
             None
         };
         let Some(why) = full else { return Ok(()) };
+        let db = self.db();
+        let held = |entity: &str, name: &str| -> Result<bool, StoreError> {
+            Ok(db
+                .contains_key(keyenc(b'P', entity, name))
+                .map_err(StoreError::storage)?
+                || db
+                    .contains_key(keyenc(b'Q', entity, name))
+                    .map_err(StoreError::storage)?)
+        };
+        let in_group = |entity: &str, name: &str| {
+            earlier.iter().any(|(req, _, _)| {
+                req.updates.iter().any(|u| {
+                    u.entity == entity && matches!(&u.op, UpdateOp::Set(p) if p.contains_key(name))
+                })
+            })
+        };
+        let mut folded = false;
         for u in updates {
             if let UpdateOp::Set(props) = &u.op {
                 for name in props.keys() {
-                    let k = keyenc(b'P', &u.entity, name);
-                    if !self.db().contains_key(k).map_err(StoreError::storage)? {
-                        return Err(StoreError::Full(why));
+                    if held(&u.entity, name)? || in_group(&u.entity, name) {
+                        continue;
                     }
+                    if !folded && self.inner.log_keys.load(Ordering::Relaxed) > 0 {
+                        // The key may be waiting in the log: fold it, then look again.
+                        folded = true;
+                        self.compact_all()?;
+                        if held(&u.entity, name)? {
+                            continue;
+                        }
+                    }
+                    return Err(StoreError::Full(why));
                 }
             }
         }
@@ -805,12 +997,13 @@ impl Store {
         let start_seq = seq;
         let arrived_ms = now_ms();
         let mut added_keys = 0u64;
+        let mut added_bytes = 0u64;
         for req in group {
             if self.inner.closed.load(Ordering::SeqCst) {
                 let _ = req.reply.send(Err(StoreError::Closed));
                 continue;
             }
-            if let Err(e) = self.admit(&req.updates, added_keys) {
+            if let Err(e) = self.admit(&req.updates, added_keys, &accepted) {
                 let _ = req.reply.send(Err(e));
                 continue;
             }
@@ -831,7 +1024,9 @@ impl Store {
                     source: u.source.clone(),
                     arrived_ms,
                 };
-                batch.insert(seq_key(b'L', seq), record::encode(&rec));
+                let encoded = record::encode(&rec);
+                added_bytes += encoded.len() as u64;
+                batch.insert(seq_key(b'L', seq), encoded);
                 seq += 1;
             }
             added_keys += keys;
@@ -858,6 +1053,9 @@ impl Store {
         match result {
             Ok(()) => {
                 self.inner.next_seq.store(seq, Ordering::SeqCst);
+                self.inner
+                    .ingested_bytes
+                    .fetch_add(added_bytes, Ordering::Relaxed);
                 for (req, last, _) in accepted {
                     let _ = req.reply.send(Ok(IngestAck {
                         accepted: req.updates.len(),
@@ -871,6 +1069,7 @@ impl Store {
                 let _ = start_seq;
                 self.inner.next_seq.store(seq, Ordering::SeqCst);
                 tracing::error!(error = %e, "group commit failed; requests answered with an error");
+                self.note_storage_failure(&e);
                 for (req, _, _) in accepted {
                     let _ = req.reply.send(Err(StoreError::Storage(e.to_string())));
                 }
@@ -1125,9 +1324,26 @@ impl Store {
     /// Records what became of claimed keys and releases their entities. Compare-and-swap: a
     /// pending value newer than the one sent is kept.
     pub fn settle(&self, settlements: Vec<Settlement>) -> Result<(), StoreError> {
+        self.settle_noting(settlements, Vec::new())
+    }
+
+    /// [`Store::settle`], with the flusher's convergence records of the entities involved
+    /// (`None` removes one) in the same atomic batch: a crash can never leave a delivered
+    /// value deleted from pending while its entity's record does not know of it.
+    pub fn settle_noting(
+        &self,
+        settlements: Vec<Settlement>,
+        suspects: Vec<(String, Option<SuspectRecord>)>,
+    ) -> Result<(), StoreError> {
         let mut state = lock(&self.inner.state);
         let db = self.db();
         let mut txn = Txn::new(&db);
+        for (entity, rec) in suspects {
+            match rec {
+                Some(r) => txn.put(simple_key(b'S', &entity), &r),
+                None => txn.remove(simple_key(b'S', &entity)),
+            }
+        }
         let mut counters = state.counters.clone();
         let now = now_ms();
         let mut entities = HashSet::new();
@@ -1219,6 +1435,35 @@ impl Store {
             state.in_flight.remove(&e);
         }
         Ok(())
+    }
+
+    /// Writes (`Some`) or removes (`None`) the flusher's convergence records of entities.
+    pub fn note_suspects(
+        &self,
+        suspects: Vec<(String, Option<SuspectRecord>)>,
+    ) -> Result<(), StoreError> {
+        self.settle_noting(Vec::new(), suspects)
+    }
+
+    /// Every convergence record (at most `limit`); one that does not decode is set aside.
+    pub fn suspects(&self, limit: usize) -> Result<Vec<(String, SuspectRecord)>, StoreError> {
+        let mut state = lock(&self.inner.state);
+        let db = self.db();
+        let mut txn = Txn::new(&db);
+        let mut counters = state.counters.clone();
+        let mut out = Vec::new();
+        for k in txn.keys_with_prefix(b"S")? {
+            if out.len() >= limit {
+                break;
+            }
+            let entity = String::from_utf8_lossy(&k[1..]).into_owned();
+            if let Some(r) = txn.get::<SuspectRecord>(&k)? {
+                out.push((entity, r));
+            }
+        }
+        txn.commit(&mut counters)?;
+        state.counters = counters;
+        Ok(out)
     }
 
     /// Releases entities of a claim without recording anything (e.g. the flush was cancelled).
@@ -1332,6 +1577,12 @@ impl Store {
         bytes
     }
 
+    /// Encoded bytes of every update acknowledged since the store was opened (monotonic; read
+    /// by the flush worker's byte-size trigger).
+    pub fn ingested_bytes(&self) -> u64 {
+        self.inner.ingested_bytes.load(Ordering::Relaxed)
+    }
+
     pub fn stats(&self) -> Stats {
         let state = lock(&self.inner.state);
         let c = state.counters.clone();
@@ -1370,6 +1621,16 @@ impl Store {
         tree_pending_rows(&self.db(), entity_prefix, older_than_ms, limit)
     }
 
+    /// [`Store::pending_rows`] plus how many records the listing could not read.
+    pub fn pending_listing(
+        &self,
+        entity_prefix: Option<&str>,
+        older_than_ms: Option<u64>,
+        limit: usize,
+    ) -> Result<Listing<Row>, StoreError> {
+        tree_pending_listing(&self.db(), entity_prefix, older_than_ms, limit)
+    }
+
     /// Quarantined keys, optionally filtered.
     pub fn quarantine_rows(
         &self,
@@ -1377,6 +1638,17 @@ impl Store {
         limit: usize,
     ) -> Result<Vec<Row>, StoreError> {
         tree_quarantine_rows(&self.db(), entity_prefix, limit)
+    }
+
+    /// [`Store::quarantine_rows`], also filtered by age (`older_than_ms`: the value has waited
+    /// at least this long since it first became pending), plus the unreadable count.
+    pub fn quarantine_listing(
+        &self,
+        entity_prefix: Option<&str>,
+        older_than_ms: Option<u64>,
+        limit: usize,
+    ) -> Result<Listing<Row>, StoreError> {
+        tree_quarantine_listing(&self.db(), entity_prefix, older_than_ms, limit)
     }
 
     /// The uncompacted tail of the log.
@@ -1543,6 +1815,13 @@ impl Drop for Inner {
             let _ = db.flush();
         }
     }
+}
+
+/// Monotonic milliseconds since the first call in this process, +1 so that 0 means "idle".
+fn writer_clock_ms() -> u64 {
+    static ANCHOR: std::sync::LazyLock<std::time::Instant> =
+        std::sync::LazyLock::new(std::time::Instant::now);
+    ANCHOR.elapsed().as_millis() as u64 + 1
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -1909,6 +2188,10 @@ pub fn verify_tree(db: &sled::Db, counters: &Counters, next_seq: u64) -> VerifyR
                 record::decode::<TombstoneRecord>(&v).map(|_| ()),
                 &mut problems,
             ),
+            Some(b'S') => check(
+                record::decode::<SuspectRecord>(&v).map(|_| ()),
+                &mut problems,
+            ),
             Some(b'Q') => {
                 quarantine += 1;
                 check(
@@ -2193,6 +2476,23 @@ fn pending_row(key: PropKey, p: PendingRecord) -> Row {
     }
 }
 
+/// A listing, and how many of the records it looked at could not be read (corrupt). Those are
+/// not in `rows`; `verify` names them, and the worker sets each aside when it next touches it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Listing<T> {
+    pub rows: Vec<T>,
+    pub unreadable: u64,
+}
+
+impl<T> Default for Listing<T> {
+    fn default() -> Self {
+        Listing {
+            rows: Vec::new(),
+            unreadable: 0,
+        }
+    }
+}
+
 /// [`Store::pending_rows`] of a stopped store.
 pub fn tree_pending_rows(
     db: &sled::Db,
@@ -2200,19 +2500,31 @@ pub fn tree_pending_rows(
     older_than_ms: Option<u64>,
     limit: usize,
 ) -> Result<Vec<Row>, StoreError> {
+    tree_pending_listing(db, entity_prefix, older_than_ms, limit).map(|l| l.rows)
+}
+
+/// [`Store::pending_listing`] of a stopped store.
+pub fn tree_pending_listing(
+    db: &sled::Db,
+    entity_prefix: Option<&str>,
+    older_than_ms: Option<u64>,
+    limit: usize,
+) -> Result<Listing<Row>, StoreError> {
     let now = now_ms();
-    let mut rows = Vec::new();
+    let mut out = Listing::default();
     for item in db.scan_prefix(b"I").keys() {
-        if rows.len() >= limit {
+        if out.rows.len() >= limit {
             break;
         }
         let ik = item.map_err(StoreError::storage)?;
         let Some(key) = ik.get(9..).and_then(keydec) else {
+            out.unreadable += 1;
             continue;
         };
         if entity_prefix.is_some_and(|p| !key.entity.starts_with(p)) {
             continue;
         }
+        // Absent: delivered between reading the index and the value (live), not corruption.
         let Some(v) = db
             .get(keyenc(b'P', &key.entity, &key.property))
             .map_err(StoreError::storage)?
@@ -2220,14 +2532,15 @@ pub fn tree_pending_rows(
             continue;
         };
         let Ok(p) = record::decode::<PendingRecord>(&v) else {
+            out.unreadable += 1;
             continue;
         };
         if older_than_ms.is_some_and(|age| now.saturating_sub(p.pending_since_ms) < age) {
             continue;
         }
-        rows.push(pending_row(key, p));
+        out.rows.push(pending_row(key, p));
     }
-    Ok(rows)
+    Ok(out)
 }
 
 /// [`Store::quarantine_rows`] of a stopped store.
@@ -2236,38 +2549,65 @@ pub fn tree_quarantine_rows(
     entity_prefix: Option<&str>,
     limit: usize,
 ) -> Result<Vec<Row>, StoreError> {
-    let mut rows = Vec::new();
+    tree_quarantine_listing(db, entity_prefix, None, limit).map(|l| l.rows)
+}
+
+/// [`Store::quarantine_listing`] of a stopped store.
+pub fn tree_quarantine_listing(
+    db: &sled::Db,
+    entity_prefix: Option<&str>,
+    older_than_ms: Option<u64>,
+    limit: usize,
+) -> Result<Listing<Row>, StoreError> {
+    let now = now_ms();
+    let mut out = Listing::default();
     for item in db.scan_prefix(b"Q") {
-        if rows.len() >= limit {
+        if out.rows.len() >= limit {
             break;
         }
         let (k, v) = item.map_err(StoreError::storage)?;
-        let Some(key) = keydec(&k[1..]) else { continue };
+        let Some(key) = keydec(&k[1..]) else {
+            out.unreadable += 1;
+            continue;
+        };
         if entity_prefix.is_some_and(|p| !key.entity.starts_with(p)) {
             continue;
         }
         let Ok(q) = record::decode::<QuarantineRecord>(&v) else {
+            out.unreadable += 1;
             continue;
         };
-        rows.push(Row {
+        if older_than_ms.is_some_and(|age| now.saturating_sub(q.pending.pending_since_ms) < age) {
+            continue;
+        }
+        out.rows.push(Row {
             reason: Some(q.reason),
             http_status: q.http_status,
             quarantined_at_ms: Some(q.quarantined_at_ms),
             ..pending_row(key, q.pending)
         });
     }
-    Ok(rows)
+    Ok(out)
 }
 
 /// [`Store::log_rows`] of a stopped store.
 pub fn tree_log_rows(db: &sled::Db, limit: usize) -> Result<Vec<LogRow>, StoreError> {
-    let mut rows = Vec::new();
-    for item in db.scan_prefix(b"L").take(limit) {
+    tree_log_listing(db, limit).map(|l| l.rows)
+}
+
+/// [`tree_log_rows`] plus how many log records could not be read.
+pub fn tree_log_listing(db: &sled::Db, limit: usize) -> Result<Listing<LogRow>, StoreError> {
+    let mut out = Listing::default();
+    for item in db.scan_prefix(b"L") {
+        if out.rows.len() >= limit {
+            break;
+        }
         let (k, v) = item.map_err(StoreError::storage)?;
         let Ok(r) = record::decode::<LogRecord>(&v) else {
+            out.unreadable += 1;
             continue;
         };
-        rows.push(LogRow {
+        out.rows.push(LogRow {
             seq: u64_of(&k[1..]).unwrap_or(0),
             entity: r.entity,
             delete: r.delete,
@@ -2280,20 +2620,27 @@ pub fn tree_log_rows(db: &sled::Db, limit: usize) -> Result<Vec<LogRow>, StoreEr
             arrived_ms: r.arrived_ms,
         });
     }
-    Ok(rows)
+    Ok(out)
 }
 
 /// The pending rows the store would hold once its log is compacted (what `compact_all` then
 /// `pending_rows` gives on a running store, for export), computed in memory: the log is folded
 /// with the compactor's own rules into a transaction that is never committed.
 pub fn tree_folded_pending_rows(db: &sled::Db) -> Result<Vec<Row>, StoreError> {
+    tree_folded_pending_listing(db).map(|l| l.rows)
+}
+
+/// [`tree_folded_pending_rows`] plus how many records (log or pending set) could not be read.
+pub fn tree_folded_pending_listing(db: &sled::Db) -> Result<Listing<Row>, StoreError> {
     let mut txn = Txn::new(db);
     let mut counters = read_tree_meta(db)?.counters;
+    let mut unreadable = 0u64;
     for item in db.scan_prefix(b"L") {
         let (k, v) = item.map_err(StoreError::storage)?;
         let seq = u64_of(&k[1..]).unwrap_or(0);
         // A corrupt log record is skipped, as the compactor sets it aside.
         let Ok(rec) = record::decode::<LogRecord>(&v) else {
+            unreadable += 1;
             continue;
         };
         let version = Version {
@@ -2327,13 +2674,16 @@ pub fn tree_folded_pending_rows(db: &sled::Db) -> Result<Vec<Row>, StoreError> {
     let mut rows = Vec::new();
     for ik in txn.keys_with_prefix(b"I")? {
         let Some(key) = ik.get(9..).and_then(keydec) else {
+            unreadable += 1;
             continue;
         };
         if let Some(p) = txn.get::<PendingRecord>(&keyenc(b'P', &key.entity, &key.property))? {
             rows.push(pending_row(key, p));
         }
     }
-    Ok(rows)
+    // Every record the fold found corrupt (each read once: it then reads as absent).
+    unreadable += txn.corrupt.len() as u64;
+    Ok(Listing { rows, unreadable })
 }
 
 /// Sequence of the oldest uncompacted log record.

@@ -685,11 +685,7 @@ async fn outbox_full_refuses_new_keys_only() {
     w.wait_drained().await;
     assert!(sim.entity("scada/of/b").is_none());
     assert!(sim.entity("scada/of/c").is_none());
-    // Drained, there is room again. Checked across a restart: in the running worker the store's
-    // admission count can keep phantom keys when the compactor folds a group commit before the
-    // writer adds it to that count (a race in store.rs, reported; it made this check flaky).
-    w.stop().await;
-    w.start().await;
+    // Drained, there is room again, in the same running worker (no restart).
     let (s, body) = w
         .post_json(
             "/v1/updates",
@@ -698,6 +694,156 @@ async fn outbox_full_refuses_new_keys_only() {
         .await;
     assert_eq!(s, 200, "{body}");
     wait_value(&sim, "scada/of/b", "q", &json!(2)).await;
+    w.stop().await;
+}
+
+/// Regression (the store's admission count once kept phantom keys when the compactor folded a
+/// group commit before the writer counted it): a running worker at its key limit accepts new
+/// keys again every time the outbox drains, over many rounds of concurrent requests, while the
+/// limit itself still holds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn running_worker_accepts_new_keys_after_draining() {
+    const LIMIT: usize = 4;
+    let (sim, w) = setup(|s| {
+        s.set("store.pending_keys_max", &LIMIT.to_string());
+        s.set("heartbeat.enabled", "false");
+    })
+    .await;
+    let http = reqwest::Client::new();
+    for round in 0..12 {
+        // LIMIT new keys at once, in separate requests (one commit group or several).
+        let posts: Vec<_> = (0..LIMIT)
+            .map(|i| {
+                let req = http
+                    .post(format!("{}/v1/updates", w.ingest))
+                    .header("content-type", JSON)
+                    .body(
+                        json!({"entity": format!("scada/rd/r{round}-{i}"), "properties": {"v": round}})
+                            .to_string(),
+                    );
+                tokio::spawn(async move {
+                    let r = req.send().await.unwrap();
+                    (r.status().as_u16(), r.text().await.unwrap())
+                })
+            })
+            .collect();
+        for p in posts {
+            let (s, body) = p.await.unwrap();
+            assert_eq!(
+                s, 200,
+                "round {round}: new keys refused on a drained outbox: {body}"
+            );
+        }
+        for i in 0..LIMIT {
+            wait_value(&sim, &format!("scada/rd/r{round}-{i}"), "v", &json!(round)).await;
+        }
+        w.wait_drained().await;
+    }
+    // The limit still holds: with the link down, LIMIT keys fill it and one more is refused.
+    sim.set_faults(link_down());
+    let fill: Vec<Value> = (0..LIMIT)
+        .map(|i| json!({"entity": format!("scada/rd/full-{i}"), "properties": {"v": 1}}))
+        .collect();
+    let (s, body) = w.post_json("/v1/updates", &Value::Array(fill)).await;
+    assert_eq!(s, 200, "{body}");
+    let (s, body) = w
+        .post_json(
+            "/v1/updates",
+            &json!({"entity": "scada/rd/one-more", "properties": {"v": 1}}),
+        )
+        .await;
+    assert_eq!(s, 507, "{body}");
+    sim.set_faults(Faults::default());
+    w.wait_drained().await;
+    let (s, body) = w
+        .post_json(
+            "/v1/updates",
+            &json!({"entity": "scada/rd/one-more", "properties": {"v": 2}}),
+        )
+        .await;
+    assert_eq!(s, 200, "{body}");
+    wait_value(&sim, "scada/rd/one-more", "v", &json!(2)).await;
+    let mut w = w;
+    w.stop().await;
+}
+
+/// `store.disk_bytes_max`: once the store uses that much disk, new keys get 507 naming the
+/// disk limit (counted as outbox_full) and nothing of the request is stored; updates of keys
+/// already pending still go in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn disk_limit_refuses_new_keys_with_507() {
+    let (sim, mut w) = setup(|s| {
+        s.set("store.disk_bytes_max", "\"1MiB\"");
+        s.set("heartbeat.enabled", "false");
+    })
+    .await;
+    sim.set_faults(link_down());
+    // Grow the store past 1 MiB with one pending key (values of about 200 KB, each replacing
+    // the previous one), unless it is that big already.
+    let big = "x".repeat(200_000);
+    let mut i = 0;
+    poll(DEADLINE, "the store to use 1 MiB of disk", || {
+        i += 1;
+        let body = json!({"entity": "scada/dl/a", "properties": {"blob": format!("{i}{big}")}});
+        let w = &w;
+        async move {
+            let m = w.metrics().await;
+            if metric(&m, "flux_outbox_disk_bytes") >= 1_048_576.0 {
+                return Some(());
+            }
+            let (s, answer) = w.post_json("/v1/updates", &body).await;
+            // A key already pending is accepted even over the limit.
+            assert_eq!(s, 200, "{answer}");
+            None
+        }
+    })
+    .await;
+    w.wait_compacted().await;
+    assert_eq!(w.backlog().await, (1, 0));
+
+    let before = rejected(&w.metrics().await, "outbox_full");
+    let (s, body) = w
+        .post_json(
+            "/v1/updates",
+            &json!([
+                {"entity": "scada/dl/a", "properties": {"blob": "small"}},
+                {"entity": "scada/dl/b", "properties": {"v": 1}},
+            ]),
+        )
+        .await;
+    assert_eq!(s, 507, "{body}");
+    let text = error_text(&body);
+    assert!(
+        text.contains("bytes on disk") && text.contains("limit 1048576"),
+        "{text}"
+    );
+    assert_eq!(rejected(&w.metrics().await, "outbox_full"), before + 2.0);
+    let (s, body) = w
+        .post_json("/api/events", &flux_event("scada/dl/c", json!({"v": 1})))
+        .await;
+    assert_eq!(s, 507, "{body}");
+    w.wait_compacted().await;
+    assert_eq!(
+        w.backlog().await,
+        (1, 0),
+        "nothing of a refused request is stored"
+    );
+    // An update of the pending key is still accepted.
+    let (s, body) = w
+        .post_json(
+            "/v1/updates",
+            &json!({"entity": "scada/dl/a", "properties": {"blob": "last"}}),
+        )
+        .await;
+    assert_eq!(s, 200, "{body}");
+
+    // Proof on the Flux side, with room again: the refused entities never arrive.
+    w.stop().await;
+    w.settings.set("store.disk_bytes_max", "\"4GiB\"");
+    sim.set_faults(Faults::default());
+    w.start().await;
+    wait_value(&sim, "scada/dl/a", "blob", &json!("last")).await;
+    nothing_stored(&w, &sim, &["scada/dl/b", "scada/dl/c"]).await;
     w.stop().await;
 }
 

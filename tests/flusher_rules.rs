@@ -875,3 +875,75 @@ async fn delete_older_than_a_delivered_property_does_not_wipe_it() {
         .expect("entity re-created with its newer property");
     assert_eq!(Value::Object(e.properties), json!({"new": 2}));
 }
+
+/// Byte-size trigger: with the interval and the count trigger out of reach, a burst of large
+/// values (more than `batch_bytes_max` acknowledged since the last flush) is sent at once.
+/// Without the trigger nothing would be sent for an hour and the wait below fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pending_bytes_reaching_batch_bytes_max_trigger_a_flush() {
+    let respond: Responder = Arc::new(|events: &[Value]| (200, "application/json", all_ok(events)));
+    let fake = fake_flux(respond, Duration::ZERO).await;
+    let mut rig = Rig::new(
+        client(&fake.url, None, Duration::from_secs(5)),
+        FlushOptions {
+            interval: Duration::from_secs(3600),
+            batch_events_max: 10_000,
+            batch_bytes_max: 64 * 1024,
+            merge: MergeMode::Blind,
+            ..fast_opts()
+        },
+    );
+    rig.run();
+    // 20 values of 4 KB on one entity: 80 kB, one event, far below the count trigger.
+    let big = "x".repeat(4000);
+    let props: Vec<(String, Value)> = (0..20).map(|i| (format!("p{i}"), json!(big))).collect();
+    let refs: Vec<(&str, Value)> = props.iter().map(|(n, v)| (n.as_str(), v.clone())).collect();
+    rig.ingest(vec![set("big", TS, &refs)]).await;
+    rig.wait_drained(Duration::from_secs(20)).await;
+    rig.stop().await;
+    let batches = fake.batches.lock().unwrap().clone();
+    let sent: usize = batches
+        .iter()
+        .flat_map(|(_, b)| b.iter())
+        .map(|e| props_of(e).len())
+        .sum();
+    assert_eq!(sent, 20, "every property sent once");
+}
+
+/// The count trigger counts EVENTS (one per entity), not keys: many properties of one entity do
+/// not make a full batch, `batch_events_max` entities do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pending_events_reaching_batch_events_max_trigger_a_flush() {
+    let respond: Responder = Arc::new(|events: &[Value]| (200, "application/json", all_ok(events)));
+    let fake = fake_flux(respond, Duration::ZERO).await;
+    let mut rig = Rig::new(
+        client(&fake.url, None, Duration::from_secs(5)),
+        FlushOptions {
+            interval: Duration::from_secs(3600),
+            batch_events_max: 3,
+            merge: MergeMode::Blind,
+            ..fast_opts()
+        },
+    );
+    // Ingested (and compacted) before the loop starts: ten keys of ONE entity.
+    let props: Vec<(String, Value)> = (0..10).map(|i| (format!("p{i}"), json!(i))).collect();
+    let refs: Vec<(&str, Value)> = props.iter().map(|(n, v)| (n.as_str(), v.clone())).collect();
+    rig.ingest(vec![set("one", TS, &refs)]).await;
+    rig.run();
+    // Two more entities make three events: a full batch.
+    rig.ingest(vec![
+        set("two", TS, &[("v", json!(2))]),
+        set("three", TS, &[("v", json!(3))]),
+    ])
+    .await;
+    rig.wait_drained(Duration::from_secs(20)).await;
+    rig.stop().await;
+    let batches = fake.batches.lock().unwrap().clone();
+    // Counting keys (10 >= 3) would have flushed `one` alone before the others arrived.
+    assert_eq!(
+        batches.len(),
+        1,
+        "one full batch of three events: {batches:?}"
+    );
+    assert_eq!(batches[0].1.len(), 3);
+}

@@ -36,7 +36,7 @@ async fn start_worker(
 ) -> (
     Running,
     tokio::sync::oneshot::Sender<()>,
-    tokio::task::JoinHandle<Result<(), app::StartError>>,
+    tokio::task::JoinHandle<Result<app::Exit, app::StartError>>,
 ) {
     cfg.validate().unwrap();
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
@@ -59,14 +59,15 @@ async fn start_worker(
 
 async fn stop_worker(
     stop: tokio::sync::oneshot::Sender<()>,
-    task: tokio::task::JoinHandle<Result<(), app::StartError>>,
+    task: tokio::task::JoinHandle<Result<app::Exit, app::StartError>>,
 ) {
     let _ = stop.send(());
-    tokio::time::timeout(Duration::from_secs(20), task)
+    let exit = tokio::time::timeout(Duration::from_secs(20), task)
         .await
         .expect("worker stops in time")
         .unwrap()
         .unwrap();
+    assert_eq!(exit, app::Exit::Stopped);
 }
 
 /// Waits until the heartbeat entity shows a delivery time (so at least two beats went out).

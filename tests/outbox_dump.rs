@@ -1,18 +1,22 @@
 //! Acceptance tests of `outbox-dump`: a store is filled with known content through the library
-//! (pending, quarantined, superseded, late-dropped, a delete, an uncompacted log tail), closed,
-//! and the built binary is run against it offline and, with the worker running in-process,
-//! live; both must print the same. Corruptions are planted in copies of the store for `verify`.
+//! (pending, quarantined, superseded, late-dropped, a delete, an uncompacted log tail, values
+//! that have waited for hours), closed, and the built binary is run against it offline and,
+//! with the worker running in-process, live; both must print the same. The damaged variant of
+//! the fixture adds corrupted records (a pending value and a log record) and every command is
+//! run against it too; more corruptions are planted in copies of the store for `verify`.
 
 use std::collections::BTreeMap;
+use std::net::SocketAddr;
 use std::path::Path;
 use std::process::Output;
 use std::sync::mpsc;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use flux_outbox::app::Running;
 use flux_outbox::config::Config;
 use flux_outbox::model::{Update, UpdateOp};
-use flux_outbox::record::{self, Counters};
+use flux_outbox::record::{self, Counters, PendingRecord, QuarantineRecord};
 use flux_outbox::store::{
     ClaimLimits, LogRow, Outcome, Row, Settlement, Stats, Store, StoreOptions,
 };
@@ -20,6 +24,39 @@ use serde_json::{json, Value};
 
 /// Source times of the fixture: fixed, so they can be asserted exactly.
 const T: u64 = 1_700_000_000_000;
+const HOUR_MS: u64 = 3_600_000;
+
+/// `keyenc` of the store: prefix, entity length (u32 BE), entity, property.
+fn key_of(prefix: u8, entity: &str, property: &str) -> Vec<u8> {
+    let mut k = vec![prefix];
+    k.extend_from_slice(&(entity.len() as u32).to_be_bytes());
+    k.extend_from_slice(entity.as_bytes());
+    k.extend_from_slice(property.as_bytes());
+    k
+}
+
+fn log_key(seq: u64) -> Vec<u8> {
+    let mut k = vec![b'L'];
+    k.extend_from_slice(&seq.to_be_bytes());
+    k
+}
+
+/// Makes a value look as if it had waited `by_ms` longer (re-encoded, so the record is valid).
+fn age_pending(db: &sled::Db, entity: &str, property: &str, by_ms: u64) {
+    let k = key_of(b'P', entity, property);
+    let raw = db.get(&k).expect("get").expect("pending record");
+    let mut p: PendingRecord = record::decode(&raw).expect("decodes");
+    p.pending_since_ms -= by_ms;
+    db.insert(k, record::encode(&p)).expect("insert");
+}
+
+fn age_quarantined(db: &sled::Db, entity: &str, property: &str, by_ms: u64) {
+    let k = key_of(b'Q', entity, property);
+    let raw = db.get(&k).expect("get").expect("quarantine record");
+    let mut q: QuarantineRecord = record::decode(&raw).expect("decodes");
+    q.pending.pending_since_ms -= by_ms;
+    db.insert(k, record::encode(&q)).expect("insert");
+}
 
 fn set(entity: &str, props: Value, ts_ms: u64) -> Update {
     let map = props
@@ -116,6 +153,13 @@ fn build_fixture(data_dir: &Path) -> Fixture {
     // seq 10, 11: the uncompacted tail.
     ingest(vec![set("e3", json!({"p": "tail"}), T + 4000)]);
     ingest(vec![set("e1", json!({"mode": "manual"}), T + 5000)]);
+    // e1 and e2 have waited 3 hours and q1 2 hours (`--older-than` has something to show and
+    // something to leave out); "gone" and the tail are fresh.
+    let db = store.raw_db();
+    for (e, p) in [("e1", "mode"), ("e1", "temp"), ("e2", "level")] {
+        age_pending(&db, e, p, 3 * HOUR_MS);
+    }
+    age_quarantined(&db, "q1", "x", 2 * HOUR_MS);
     let fixture = Fixture {
         pending: store.pending_rows(None, None, usize::MAX).expect("rows"),
         quarantine: store.quarantine_rows(None, usize::MAX).expect("rows"),
@@ -135,8 +179,19 @@ fn dump_cmd() -> std::process::Command {
     c
 }
 
+/// Runs the tool. With `--data-dir`, a store the test itself has just closed may still be
+/// locked for a moment (sled lets go of its file lock when its last thread ends): retried until
+/// the lock is gone.
 fn run(args: &[&str]) -> Output {
-    dump_cmd().args(args).output().expect("run outbox-dump")
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let o = dump_cmd().args(args).output().expect("run outbox-dump");
+        let locked = stderr(&o).contains("is locked by another process");
+        if !(locked && args.contains(&"--data-dir") && Instant::now() < deadline) {
+            return o;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
 
 fn run_env(args: &[&str], env: &[(&str, &str)]) -> Output {
@@ -305,7 +360,11 @@ impl Worker {
                 },
             )
             .await;
-            let _ = done_tx.send(r.map_err(|e| e.to_string()));
+            let r = r.map_err(|e| e.to_string()).and_then(|exit| match exit {
+                flux_outbox::app::Exit::Stopped => Ok(()),
+                other => Err(format!("unexpected exit {other:?}")),
+            });
+            let _ = done_tx.send(r);
         });
         let running = match ready_rx.recv_timeout(Duration::from_secs(20)) {
             Ok(r) => r,
@@ -405,7 +464,40 @@ fn offline_commands_print_the_store_exactly() {
             expected_pending_row(&f, "e1", "temp", json!(21.0), T + 2000, 3, 0, None),
         ])
     );
-    assert_eq!(offline(&dir, &["pending", "--older-than", "1h"]), json!([]));
+    // Age: e1 and e2 have waited 3 hours, "gone" is fresh.
+    let aged = json!([
+        expected_pending_row(&f, "e1", "mode", json!("auto"), T + 1000, 1, 0, None),
+        expected_pending_row(&f, "e1", "temp", json!(21.0), T + 2000, 3, 0, None),
+        expected_pending_row(
+            &f,
+            "e2",
+            "level",
+            json!(3),
+            T + 1000,
+            2,
+            1,
+            Some("connection refused")
+        ),
+    ]);
+    assert_eq!(
+        strip(&offline(&dir, &["pending", "--older-than", "1h"])),
+        aged
+    );
+    assert_eq!(
+        strip(&offline(
+            &dir,
+            &["pending", "--older-than", "2h 30m", "--entity", "e2"]
+        )),
+        json!([aged[2]])
+    );
+    assert_eq!(
+        strip(&offline(
+            &dir,
+            &["pending", "--older-than", "1h", "--limit", "1"]
+        )),
+        json!([aged[0]])
+    );
+    assert_eq!(offline(&dir, &["pending", "--older-than", "4h"]), json!([]));
 
     let q = &f.quarantine[0];
     let at = q.quarantined_at_ms.expect("quarantined at");
@@ -422,6 +514,15 @@ fn offline_commands_print_the_store_exactly() {
         }])
     );
     assert_eq!(offline(&dir, &["quarantine", "--entity", "zz"]), json!([]));
+    // q1 has waited 2 hours since it first became pending.
+    assert_eq!(
+        strip(&offline(&dir, &["quarantine", "--older-than", "1h"])),
+        strip(&offline(&dir, &["quarantine"]))
+    );
+    assert_eq!(
+        offline(&dir, &["quarantine", "--older-than", "3h"]),
+        json!([])
+    );
 
     let arrived: Vec<u64> = f.log.iter().map(|r| r.arrived_ms).collect();
     assert_eq!(
@@ -560,12 +661,29 @@ fn live_output_equals_offline_output() {
         vec!["pending"],
         vec!["pending", "--entity", "e", "--limit", "2"],
         vec!["pending", "--older-than", "1h"],
+        vec!["pending", "--older-than", "4h"],
         vec!["quarantine"],
         vec!["quarantine", "--entity", "q"],
+        vec!["quarantine", "--older-than", "1h"],
+        vec!["quarantine", "--older-than", "3h"],
         vec!["log"],
         vec!["verify"],
     ];
     let live_out: Vec<Value> = commands.iter().map(|c| live(&admin, c)).collect();
+    assert_eq!(
+        live_out[3].as_array().map(Vec::len),
+        Some(3),
+        "{}",
+        live_out[3]
+    );
+    assert_eq!(live_out[4], json!([]));
+    assert_eq!(
+        live_out[7].as_array().map(Vec::len),
+        Some(1),
+        "{}",
+        live_out[7]
+    );
+    assert_eq!(live_out[8], json!([]));
     let export_live = stdout(&run(&["--admin", &admin, "export"]));
     let export_q_live = stdout(&run(&["--admin", &admin, "export", "--quarantine"]));
     let summary = &live_out[0];
@@ -745,6 +863,7 @@ fn verify_tampered(fixture: &Path, name: &str, tamper: impl FnOnce(&sled::Db)) -
     {
         let db = sled::Config::new()
             .path(dir.join("store"))
+            .flush_every_ms(None)
             .open()
             .expect("open copy");
         tamper(&db);
@@ -824,6 +943,44 @@ fn verify_finds_each_planted_corruption() {
     assert!(
         problems(&v).contains("index entry 99") && problems(&v).contains("without a pending value"),
         "{v}"
+    );
+
+    // A pending value missing from the delivery index (it would never be sent).
+    let e2 = flux_outbox::model::PropKey::new("e2".to_string(), "level".to_string());
+    let (code, v) = verify_tampered(&dir, "unindexed", |db| {
+        let mut k = vec![b'I'];
+        k.extend_from_slice(&2u64.to_be_bytes());
+        k.extend_from_slice(&key_of(b'P', "e2", "level")[1..]);
+        assert!(
+            db.remove(k).expect("remove").is_some(),
+            "e2.level's index entry"
+        );
+    });
+    assert_eq!(code, 1);
+    assert_eq!(
+        v["problems"],
+        json!([format!(
+            "pending key {:?} missing from the delivery index",
+            Some(&e2)
+        )])
+    );
+
+    // An entity count that disagrees with the entity's pending keys, and one that is missing.
+    let (code, v) = verify_tampered(&dir, "entitycount", |db| {
+        db.insert(b"Ee1", &7u64.to_be_bytes()).expect("insert");
+    });
+    assert_eq!(code, 1);
+    assert_eq!(
+        v["problems"],
+        json!(["entity \"e1\": count says 7 pending keys, found 2"])
+    );
+    let (code, v) = verify_tampered(&dir, "entitymissing", |db| {
+        assert!(db.remove(b"Ee2").expect("remove").is_some(), "e2's count");
+    });
+    assert_eq!(code, 1);
+    assert_eq!(
+        v["problems"],
+        json!(["entity \"e2\" has pending keys but no count record"])
     );
 
     // An unknown record version, and an unknown (older) store format version.
@@ -944,4 +1101,806 @@ fn refusals_are_clear() {
         "{e}"
     );
     store.close().expect("close");
+}
+
+// ---------------------------------------------------------------------------------------------
+// exact tables
+
+/// The tool's age format, restated: the two largest units, zero units left out, "0s" under a
+/// second.
+fn age_text(ms: u64) -> String {
+    let s = ms / 1000;
+    let units = [
+        (s / 86_400, "d"),
+        (s / 3_600 % 24, "h"),
+        (s / 60 % 60, "m"),
+        (s % 60, "s"),
+    ];
+    let parts: Vec<String> = units
+        .iter()
+        .skip_while(|(n, _)| *n == 0)
+        .take(2)
+        .filter(|(n, _)| *n > 0)
+        .map(|(n, u)| format!("{n}{u}"))
+        .collect();
+    if parts.is_empty() {
+        "0s".into()
+    } else {
+        parts.join(" ")
+    }
+}
+
+/// An aligned table as the tool prints it: every column but the last padded to its widest
+/// cell plus two spaces, no trailing spaces.
+fn table_text(header: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.chars().count()).collect();
+    for r in rows {
+        for (w, c) in widths.iter_mut().zip(r) {
+            *w = (*w).max(c.chars().count());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let last = cells.len() - 1;
+        let mut l = String::new();
+        for (i, c) in cells.into_iter().enumerate() {
+            l.push_str(c);
+            if i < last {
+                l.push_str(&" ".repeat(widths[i] - c.chars().count() + 2));
+            }
+        }
+        format!("{}\n", l.trim_end())
+    };
+    let mut out = line(header.to_vec());
+    for r in rows {
+        out.push_str(&line(r.iter().map(String::as_str).collect()));
+    }
+    out
+}
+
+/// Runs the tool (exit 0) and asserts that its stdout is exactly `expected(now)` for some
+/// `now` (epoch ms) within the run: ages depend on the tool's clock, nothing else does.
+fn assert_output_at_run_time(args: &[&str], expected: impl Fn(u64) -> String) -> Output {
+    let before = flux_outbox::model::now_ms();
+    let o = run(args);
+    let after = flux_outbox::model::now_ms();
+    assert!(o.status.success(), "{args:?}: {}", stderr(&o));
+    let got = stdout(&o);
+    if !(before..=after).any(|now| expected(now) == got) {
+        panic!(
+            "{args:?} printed\n{got}\nexpected (at the start of the run)\n{}",
+            expected(before)
+        );
+    }
+    o
+}
+
+fn pending_table(f: &Fixture, now: u64) -> String {
+    let cells = |e: &str, p: &str, v: &str, ts: u64, attempts: u32, err: &str| {
+        let since = pending_since(f, e, p);
+        vec![
+            e.to_string(),
+            p.to_string(),
+            v.to_string(),
+            rfc(ts),
+            rfc(since),
+            age_text(now - since),
+            attempts.to_string(),
+            err.to_string(),
+        ]
+    };
+    let rows = vec![
+        cells("e1", "mode", "auto", T + 1000, 0, ""),
+        cells("e1", "temp", "21.0", T + 2000, 0, ""),
+        cells("e2", "level", "3", T + 1000, 1, "connection refused"),
+        cells("gone", "__deleted__", "true", T + 3000, 0, ""),
+    ];
+    let header = [
+        "ENTITY",
+        "PROPERTY",
+        "VALUE",
+        "SOURCE TIME",
+        "PENDING SINCE",
+        "AGE",
+        "ATTEMPTS",
+        "LAST ERROR",
+    ];
+    table_text(&header, &rows) + "4 pending keys\n"
+}
+
+fn quarantine_table(f: &Fixture, now: u64) -> String {
+    let q = &f.quarantine[0];
+    let at = q.quarantined_at_ms.expect("quarantined at");
+    let rows = vec![vec![
+        "q1".to_string(),
+        "x".into(),
+        "1".into(),
+        rfc(T + 1000),
+        rfc(q.pending_since_ms),
+        age_text(now - q.pending_since_ms),
+        "0".into(),
+        rfc(at),
+        "400".into(),
+        "rejected: bad value".into(),
+    ]];
+    let header = [
+        "ENTITY",
+        "PROPERTY",
+        "VALUE",
+        "SOURCE TIME",
+        "PENDING SINCE",
+        "AGE",
+        "ATTEMPTS",
+        "QUARANTINED",
+        "HTTP",
+        "REASON",
+    ];
+    table_text(&header, &rows) + "1 quarantined keys\n"
+}
+
+fn log_table(f: &Fixture, now: u64) -> String {
+    let row = |i: usize, seq: u64, entity: &str, update: &str, ts: u64| {
+        let arrived = f.log[i].arrived_ms;
+        vec![
+            seq.to_string(),
+            entity.to_string(),
+            update.to_string(),
+            rfc(ts),
+            rfc(arrived),
+            age_text(now - arrived),
+        ]
+    };
+    let rows = vec![
+        row(0, 10, "e3", r#"{"p":"tail"}"#, T + 4000),
+        row(1, 11, "e1", r#"{"mode":"manual"}"#, T + 5000),
+    ];
+    let header = ["SEQ", "ENTITY", "UPDATE", "SOURCE TIME", "ARRIVED", "AGE"];
+    table_text(&header, &rows) + "2 uncompacted log records\n"
+}
+
+/// The JSON of `log` for the fixture's uncompacted tail.
+fn expected_log(f: &Fixture) -> Value {
+    let arrived: Vec<u64> = f.log.iter().map(|r| r.arrived_ms).collect();
+    json!([
+        {"seq": 10, "entity": "e3", "delete": false, "properties": {"p": "tail"},
+         "ts_ms": T + 4000, "ts": rfc(T + 4000),
+         "arrived_ms": arrived[0], "arrived": rfc(arrived[0])},
+        {"seq": 11, "entity": "e1", "delete": false, "properties": {"mode": "manual"},
+         "ts_ms": T + 5000, "ts": rfc(T + 5000),
+         "arrived_ms": arrived[1], "arrived": rfc(arrived[1])},
+    ])
+}
+
+fn ndjson_lines(args: &[&str]) -> Vec<Value> {
+    let o = run(args);
+    assert!(o.status.success(), "{args:?}: {}", stderr(&o));
+    stdout(&o)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{args:?}: {e}: {l}")))
+        .collect()
+}
+
+#[test]
+fn tables_and_ndjson_are_exact_for_every_listing() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("data");
+    let f = build_fixture(&dir);
+    let d = dir.to_string_lossy().into_owned();
+    fn table<'a>(d: &'a str, cmd: &[&'a str]) -> Vec<&'a str> {
+        let mut a = vec!["--data-dir", d, "--format", "table"];
+        a.extend_from_slice(cmd);
+        a
+    }
+
+    assert_output_at_run_time(&table(&d, &["pending"]), |now| pending_table(&f, now));
+    assert_output_at_run_time(&table(&d, &["quarantine"]), |now| quarantine_table(&f, now));
+    assert_output_at_run_time(&table(&d, &["log"]), |now| log_table(&f, now));
+    // Empty listings and the limit say so.
+    assert_eq!(
+        stdout(&run(&table(&d, &["quarantine", "--older-than", "3h"]))),
+        "no quarantined keys\n"
+    );
+    let o = stdout(&run(&table(&d, &["log", "--limit", "2"])));
+    assert!(
+        o.ends_with("\n2 uncompacted log records shown: the limit; --limit N shows more\n"),
+        "{o}"
+    );
+    let records = offline(&dir, &["verify"])["records"]
+        .as_u64()
+        .expect("records");
+    assert_eq!(
+        stdout(&run(&table(&d, &["verify"]))),
+        format!("ok: {records} records checked, no problems\n")
+    );
+
+    // The summary table, line for line (disk usage depends on sled's files, not the content:
+    // its line is checked for its shape).
+    let oldest = f.stats.oldest_pending_ms.expect("oldest");
+    let before = flux_outbox::model::now_ms();
+    let o = run(&table(&d, &["summary"]));
+    let after = flux_outbox::model::now_ms();
+    let got = stdout(&o);
+    let disk = got
+        .lines()
+        .find(|l| l.starts_with("disk "))
+        .unwrap_or_else(|| panic!("no disk line: {got}"))
+        .to_string();
+    let bytes = disk
+        .rsplit_once(" (")
+        .and_then(|(_, b)| b.strip_suffix(" bytes)"))
+        .and_then(|b| b.parse::<u64>().ok());
+    assert!(bytes.is_some_and(|b| b > 0), "{disk}");
+    let expected = |now: u64| {
+        let lines = [
+            ("source", format!("offline {d}")),
+            ("pending", "4 keys in 3 entities".into()),
+            (
+                "oldest pending",
+                format!("{} ago ({})", age_text(now - oldest), rfc(oldest)),
+            ),
+            ("log backlog", "2 updates not yet compacted".into()),
+            (
+                "quarantine",
+                "1 keys (ever quarantined 1, requeued 0)".into(),
+            ),
+            ("superseded", "3".into()),
+            ("late dropped", "1".into()),
+            ("delivered", "1 keys".into()),
+            ("corrupt set aside", "0".into()),
+            ("in flight", "0 entities".into()),
+            ("disk", String::new()),
+            ("format version", "1".into()),
+            ("next seq", "12".into()),
+            ("link", "- (offline: the worker is not running)".into()),
+            ("last delivery", "- (offline)".into()),
+        ];
+        lines
+            .iter()
+            .map(|(k, v)| match *k {
+                "disk" => format!("{disk}\n"),
+                _ => format!("{k:<17}  {v}\n"),
+            })
+            .collect::<String>()
+    };
+    assert!(
+        (before..=after).any(|now| expected(now) == got),
+        "summary table\n{got}\nexpected\n{}",
+        expected(before)
+    );
+    assert!(disk.starts_with(&format!("{:<17}  ", "disk")), "{disk}");
+
+    // NDJSON: the JSON output, one element per line.
+    for cmd in [
+        vec!["pending"],
+        vec!["quarantine"],
+        vec!["log"],
+        vec!["pending", "--older-than", "1h"],
+    ] {
+        let mut a = vec!["--data-dir", d.as_str(), "--format", "ndjson"];
+        a.extend_from_slice(&cmd);
+        let lines: Vec<Value> = ndjson_lines(&a).iter().map(strip).collect();
+        let json = strip(&offline(&dir, &cmd));
+        assert_eq!(Some(&lines), json.as_array(), "{cmd:?}");
+        assert!(!lines.is_empty(), "{cmd:?}");
+    }
+    for cmd in ["summary", "verify"] {
+        let lines = ndjson_lines(&["--data-dir", &d, "--format", "ndjson", cmd]);
+        assert_eq!(lines.len(), 1, "{cmd}: one object on one line");
+        assert_eq!(strip(&lines[0]), strip(&offline(&dir, &[cmd])), "{cmd}");
+    }
+    assert_eq!(
+        ndjson_lines(&["--data-dir", &d, "--format", "ndjson", "log"])
+            .iter()
+            .map(strip)
+            .collect::<Vec<_>>(),
+        strip(&expected_log(&f))
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// the admin API over a store nothing compacts
+
+/// The worker's admin API (`admin::router`) serving a store opened in-process with no compactor
+/// and no flusher: the live view of a store whose log tail stays uncompacted, as the running
+/// worker's compactor would otherwise fold it within milliseconds.
+struct AdminOnly {
+    rt: tokio::runtime::Runtime,
+    store: Store,
+    addr: SocketAddr,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    server: Option<tokio::task::JoinHandle<()>>,
+    /// `AppState` needs a compactor's waker: this one compacts a scratch store.
+    scratch: Option<(flux_outbox::compactor::Compactor, Store, tempfile::TempDir)>,
+}
+
+impl AdminOnly {
+    fn start(data_dir: &Path) -> AdminOnly {
+        let (store, _) = Store::open(data_dir, StoreOptions::default()).expect("open store");
+        let scratch_dir = tempfile::tempdir().expect("tempdir");
+        let (scratch, _) =
+            Store::open(scratch_dir.path(), StoreOptions::default()).expect("open scratch");
+        let compactor = flux_outbox::compactor::spawn(scratch.clone()).expect("compactor");
+        let cfg = worker_config(data_dir, "");
+        let state = Arc::new(flux_outbox::ingest::AppState {
+            store: store.clone(),
+            metrics: Arc::new(flux_outbox::metrics::Metrics::new(true)),
+            rules: cfg.rules(),
+            ingest_token: None,
+            admin_token: None,
+            shutting_down: Default::default(),
+            compactor: compactor.waker(),
+            default_stream: cfg.flux.stream.clone(),
+            flux: None,
+            gateway_id: "test".into(),
+        });
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let listener = rt
+            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let server = rt.spawn(async move {
+            let _ = axum::serve(listener, flux_outbox::admin::router(state))
+                .with_graceful_shutdown(async {
+                    let _ = rx.await;
+                })
+                .await;
+        });
+        AdminOnly {
+            rt,
+            store,
+            addr,
+            stop: Some(tx),
+            server: Some(server),
+            scratch: Some((compactor, scratch, scratch_dir)),
+        }
+    }
+
+    fn admin(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    fn stop(mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        if let Some(h) = self.server.take() {
+            self.rt.block_on(h).expect("admin server ends");
+        }
+        self.store.close().expect("close");
+        if let Some((compactor, scratch, _dir)) = self.scratch.take() {
+            compactor.stop_and_join();
+            scratch.close().expect("close scratch");
+        }
+    }
+}
+
+#[test]
+fn live_output_of_an_uncompacted_tail_equals_offline() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let live_dir = tmp.path().join("live");
+    let f = build_fixture(&live_dir);
+    // Offline reads an identical copy: the live store stays open meanwhile.
+    let off_dir = tmp.path().join("offline");
+    copy_dir(&live_dir, &off_dir);
+    let server = AdminOnly::start(&live_dir);
+    let admin = server.admin();
+
+    // The tail is there, live, exactly.
+    assert_eq!(strip(&live(&admin, &["log"])), strip(&expected_log(&f)));
+    let commands: Vec<Vec<&str>> = vec![
+        vec!["summary"],
+        vec!["pending"],
+        vec!["pending", "--older-than", "1h"],
+        vec!["quarantine"],
+        vec!["quarantine", "--older-than", "1h"],
+        vec!["log"],
+        vec!["log", "--limit", "1"],
+        vec!["verify"],
+    ];
+    for c in &commands {
+        let (l, o) = (live(&admin, c), offline(&off_dir, c));
+        assert_eq!(strip(&l), strip(&o), "live and offline differ for {c:?}");
+    }
+    let summary = live(&admin, &["summary"]);
+    assert_eq!(
+        (&summary["mode"], &summary["log_backlog"]),
+        (&json!("live"), &json!(2))
+    );
+    // Tables too: the same text, ages aside.
+    let a = admin.as_str();
+    assert_output_at_run_time(&["--admin", a, "--format", "table", "log"], |now| {
+        log_table(&f, now)
+    });
+    assert_output_at_run_time(&["--admin", a, "--format", "table", "quarantine"], |now| {
+        quarantine_table(&f, now)
+    });
+    assert_output_at_run_time(&["--admin", a, "--format", "table", "pending"], |now| {
+        pending_table(&f, now)
+    });
+
+    // Export: live the worker compacts first, offline the tool folds in memory; same NDJSON.
+    let od = off_dir.to_string_lossy().into_owned();
+    let export_off = stdout(&run(&["--data-dir", &od, "export"]));
+    assert_eq!(stdout(&run(&["--admin", a, "export"])), export_off);
+    assert!(export_off.contains("\"manual\""), "{export_off}");
+    assert_eq!(
+        live(&admin, &["log"]),
+        json!([]),
+        "export compacted the tail"
+    );
+    server.stop();
+}
+
+#[test]
+fn live_verify_checks_records_beyond_the_writers_next_seq() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("data");
+    build_fixture(&dir);
+    let server = AdminOnly::start(&dir);
+    let verify = |server: &AdminOnly| {
+        let o = run(&["--admin", &server.admin(), "--format", "json", "verify"]);
+        let v: Value = serde_json::from_slice(&o.stdout).expect("json");
+        (o.status.code(), v)
+    };
+    assert_eq!(verify(&server).0, Some(0));
+    // Offline a stopped store's next_seq is derived from its log, so only the writer of a
+    // running store can be behind what is on disk: written behind its back here.
+    let db = server.store.raw_db();
+    let rec = db.get(log_key(10)).expect("get").expect("log record 10");
+    db.insert(log_key(500), rec).expect("insert");
+    db.insert(b"Mnext_seq", &99u64.to_be_bytes())
+        .expect("insert");
+    let (code, v) = verify(&server);
+    assert_eq!(code, Some(1));
+    let l500 = String::from_utf8_lossy(&log_key(500)).into_owned();
+    assert_eq!(
+        v["problems"],
+        json!([
+            format!("log record {l500:?} at or beyond next_seq 12"),
+            "next_seq 99 ahead of the writer's 12",
+        ])
+    );
+    server.stop();
+}
+
+// ---------------------------------------------------------------------------------------------
+// a damaged store: every command
+
+/// Flips the last bit of a stored record, as a failing disk would.
+fn flip_last_bit(db: &sled::Db, key: &[u8]) -> String {
+    let mut v = db.get(key).expect("get").expect("record").to_vec();
+    let last = v.len() - 1;
+    v[last] ^= 0x01;
+    db.insert(key, v.clone()).expect("insert");
+    let e = match key[0] {
+        b'L' => record::decode::<record::LogRecord>(&v).map(|_| ()),
+        _ => record::decode::<PendingRecord>(&v).map(|_| ()),
+    }
+    .expect_err("the flip is detected");
+    // What verify says about it.
+    format!("record {:?}: {e}", String::from_utf8_lossy(key))
+}
+
+/// The fixture with two records damaged on disk: e2.level's pending value and log record 10
+/// (the tail's e3 update). Returns the fixture and what verify must report, in its order: the
+/// two records, then what the unreadable value leaves inconsistent (its index entry, its
+/// entity's count, the counters that count it).
+fn build_damaged_fixture(dir: &Path) -> (Fixture, Vec<String>) {
+    let f = build_fixture(dir);
+    let db = sled::Config::new()
+        .path(dir.join("store"))
+        .flush_every_ms(None)
+        .open()
+        .expect("open fixture");
+    let e2 = flux_outbox::model::PropKey::new("e2".to_string(), "level".to_string());
+    let problems = vec![
+        flip_last_bit(&db, &log_key(10)),
+        flip_last_bit(&db, &key_of(b'P', "e2", "level")),
+        format!("index entry 2 for {:?} without a pending value", Some(e2)),
+        "entity \"e2\": count says 1 pending keys, found 0".into(),
+        "counter pending_keys = 4 but 3 pending records".into(),
+        "counter pending_entities = 3 but 2 entities pending".into(),
+    ];
+    db.flush().expect("flush");
+    (f, problems)
+}
+
+const WARN_PENDING: &str = "outbox-dump: warning: 1 pending record could not be read (corrupt) \
+                            and is not shown; `outbox-dump verify` names them\n";
+const WARN_LOG: &str = "outbox-dump: warning: 1 log record could not be read (corrupt) and is \
+                        not shown; `outbox-dump verify` names them\n";
+const WARN_EXPORT: &str = "outbox-dump: warning: 2 records could not be read (corrupt) and are \
+                           not exported; `outbox-dump verify` names them\n";
+
+/// Runs with `--format json`; returns the parsed output and stderr, asserting exit `code`.
+fn json_and_stderr(base: &[&str], args: &[&str], code: i32) -> (Value, String) {
+    let mut a = base.to_vec();
+    a.extend_from_slice(&["--format", "json"]);
+    a.extend_from_slice(args);
+    let o = run(&a);
+    assert_eq!(o.status.code(), Some(code), "{a:?}: {}", stderr(&o));
+    let v = serde_json::from_slice(&o.stdout)
+        .unwrap_or_else(|e| panic!("{a:?}: not JSON ({e}): {}", stdout(&o)));
+    (v, stderr(&o))
+}
+
+#[test]
+fn damaged_store_every_command_reports_what_it_cannot_read() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("damaged");
+    let (f, problems) = build_damaged_fixture(&dir);
+    for name in ["live", "worker"] {
+        copy_dir(&dir, &tmp.path().join(name));
+    }
+    let d = dir.to_string_lossy().into_owned();
+    let base = ["--data-dir", d.as_str()];
+
+    // summary: what the counters say; nothing has been set aside yet.
+    let (summary, err) = json_and_stderr(&base, &["summary"], 0);
+    assert_eq!(err, "");
+    let oldest = f.stats.oldest_pending_ms.expect("oldest");
+    assert_eq!(
+        strip(&summary),
+        json!({
+            "pending_keys": 4, "pending_entities": 3,
+            "oldest_pending_ms": oldest, "oldest_pending": rfc(oldest),
+            "log_backlog": 2, "quarantine_keys": 1,
+            "superseded": 3, "late_dropped": 1, "delivered": 1,
+            "quarantined_total": 1, "requeued": 0, "corrupt_set_aside": 0,
+            "in_flight_entities": 0, "next_seq": 12, "format_version": 1,
+        })
+    );
+    // pending: the unreadable value is left out, and the tool says so.
+    let row = |e: &str, p: &str, v: Value, ts: u64, seq: u64| {
+        expected_pending_row(&f, e, p, v, ts, seq, 0, None)
+    };
+    let (pending, err) = json_and_stderr(&base, &["pending"], 0);
+    assert_eq!(
+        strip(&pending),
+        json!([
+            row("e1", "mode", json!("auto"), T + 1000, 1),
+            row("e1", "temp", json!(21.0), T + 2000, 3),
+            row("gone", "__deleted__", json!(true), T + 3000, 9),
+        ])
+    );
+    assert_eq!(err, WARN_PENDING);
+    let (older, err) = json_and_stderr(&base, &["pending", "--older-than", "1h"], 0);
+    assert_eq!(
+        strip(&older),
+        json!([
+            row("e1", "mode", json!("auto"), T + 1000, 1),
+            row("e1", "temp", json!(21.0), T + 2000, 3),
+        ])
+    );
+    assert_eq!(err, WARN_PENDING);
+    // Another entity's listing does not read the damaged record: no warning.
+    let (gone, err) = json_and_stderr(&base, &["pending", "--entity", "gone"], 0);
+    assert_eq!(
+        strip(&gone),
+        json!([row("gone", "__deleted__", json!(true), T + 3000, 9)])
+    );
+    assert_eq!(err, "");
+    // The table shows the same rows; the warning goes to stderr in every format.
+    let o = run(&["--data-dir", &d, "--format", "table", "pending"]);
+    assert_eq!(stderr(&o), WARN_PENDING);
+    assert!(stdout(&o).ends_with("\n3 pending keys\n"), "{}", stdout(&o));
+    // quarantine: intact.
+    let (q, err) = json_and_stderr(&base, &["quarantine"], 0);
+    assert_eq!(q.as_array().map(Vec::len), Some(1));
+    assert_eq!((q[0]["entity"].as_str(), err.as_str()), (Some("q1"), ""));
+    // log: record 10 is unreadable.
+    let (log, err) = json_and_stderr(&base, &["log"], 0);
+    assert_eq!(
+        strip(&log),
+        json!([strip(&expected_log(&f)).as_array().expect("rows")[1].clone()])
+    );
+    assert_eq!(err, WARN_LOG);
+    // export: neither e3 (its log record) nor e2 (its value) can be carried off.
+    let o = run(&["--data-dir", &d, "export"]);
+    assert!(o.status.success());
+    assert_eq!(
+        stdout(&o),
+        [
+            json!({"entity": "e1", "properties": {"temp": 21.0}, "ts": T + 2000}),
+            json!({"entity": "e1", "properties": {"mode": "manual"}, "ts": T + 5000}),
+            json!({"entity": "gone", "delete": true, "ts": T + 3000}),
+        ]
+        .iter()
+        .map(|l| format!("{l}\n"))
+        .collect::<String>()
+    );
+    assert_eq!(stderr(&o), WARN_EXPORT);
+    // verify: both, exactly, exit 1; the table lists them.
+    let (v, _) = json_and_stderr(&base, &["verify"], 1);
+    assert_eq!(v["problems"], json!(problems));
+    assert_eq!(v["ok"], false);
+    let records = v["records"].as_u64().expect("records");
+    let o = run(&["--data-dir", &d, "--format", "table", "verify"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert_eq!(
+        stdout(&o),
+        format!("6 problems found in {records} records:\n")
+            + &problems
+                .iter()
+                .map(|p| format!("  - {p}\n"))
+                .collect::<String>()
+    );
+    // Nothing above repaired or changed the store.
+    let (again, _) = json_and_stderr(&base, &["verify"], 1);
+    assert_eq!(again, v);
+
+    // Live, through the admin API over the same damaged content (nothing compacts it): the
+    // same output and the same warnings.
+    let server = AdminOnly::start(&tmp.path().join("live"));
+    let admin = server.admin();
+    let lbase = ["--admin", admin.as_str()];
+    for (cmd, warning) in [
+        (vec!["pending"], WARN_PENDING),
+        (vec!["pending", "--older-than", "1h"], WARN_PENDING),
+        (vec!["pending", "--entity", "gone"], ""),
+        (vec!["quarantine"], ""),
+        (vec!["summary"], ""),
+    ] {
+        let (off, _) = json_and_stderr(&base, &cmd, 0);
+        let (on, err) = json_and_stderr(&lbase, &cmd, 0);
+        assert_eq!(strip(&on), strip(&off), "{cmd:?}");
+        assert_eq!(err, warning, "{cmd:?}");
+    }
+    let (log_live, _) = json_and_stderr(&lbase, &["log"], 0);
+    assert_eq!(strip(&log_live), strip(&log));
+    let (v_live, _) = json_and_stderr(&lbase, &["verify"], 1);
+    assert_eq!(v_live, v);
+    server.stop();
+
+    // The worker itself sets the unreadable log record aside when it compacts; the damaged
+    // value stays (nothing touches e2 without a Flux link) and is still reported.
+    let wdir = tmp.path().join("worker");
+    let worker = Worker::start(worker_config(&wdir, ""));
+    worker.wait_compacted();
+    let admin = worker.admin();
+    let lbase = ["--admin", admin.as_str()];
+    let (s, _) = json_and_stderr(&lbase, &["summary"], 0);
+    assert_eq!(
+        (
+            &s["corrupt_set_aside"],
+            &s["log_backlog"],
+            &s["pending_keys"]
+        ),
+        (&json!(1), &json!(0), &json!(4))
+    );
+    let (p, err) = json_and_stderr(&lbase, &["pending"], 0);
+    assert_eq!(err, WARN_PENDING);
+    assert_eq!(
+        p.as_array()
+            .map(|a| a.iter().map(|r| r["entity"].clone()).collect::<Vec<_>>()),
+        Some(vec![json!("e1"), json!("e1"), json!("gone")])
+    );
+    worker.stop();
+    let wd = wdir.to_string_lossy().into_owned();
+    let wbase = ["--data-dir", wd.as_str()];
+    let (s, _) = json_and_stderr(&wbase, &["summary"], 0);
+    assert_eq!(s["corrupt_set_aside"], 1);
+    let (v, _) = json_and_stderr(&wbase, &["verify"], 1);
+    assert_eq!(v["problems"], json!(problems[1..]));
+}
+
+// ---------------------------------------------------------------------------------------------
+// live summary with a link
+
+#[test]
+fn live_summary_shows_the_link_up_and_the_last_delivery() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("data");
+    build_fixture(&dir);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    let sim = rt.block_on(async {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        flux_outbox::sim::start(flux_outbox::sim::SimConfig::default(), listener)
+            .await
+            .expect("sim starts")
+    });
+    let started = flux_outbox::model::now_ms();
+    let cfg = worker_config(
+        &dir,
+        &format!(
+            "[flux]\nurl = {:?}\n[flush]\ninterval = \"100ms\"\nbackoff_initial = \"50ms\"\n",
+            sim.url()
+        ),
+    );
+    let worker = Worker::start_in(rt, cfg);
+    let admin = worker.admin();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let summary = loop {
+        let s = live(&admin, &["summary"]);
+        if s["pending_keys"] == 0 && s["link"] == "up" && s["last_delivery_ms"].is_u64() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "never delivered: {s}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let at = summary["last_delivery_ms"].as_u64().expect("ms");
+    assert!(
+        (started..=flux_outbox::model::now_ms()).contains(&at),
+        "{at}"
+    );
+    assert_eq!(summary["last_delivery"], rfc(at));
+    assert_eq!(summary["mode"], "live");
+    assert_eq!(summary["quarantine_keys"], 1, "q1 stays quarantined");
+    assert_eq!(summary["oldest_pending"], Value::Null);
+    let o = run(&["--admin", &admin, "--format", "table", "summary"]);
+    let table = stdout(&o);
+    let lines: Vec<&str> = table.lines().collect();
+    assert!(lines.contains(&"link               up"), "{table}");
+    let last = lines
+        .iter()
+        .find(|l| l.starts_with("last delivery  "))
+        .unwrap_or_else(|| panic!("{table}"));
+    assert!(
+        last.starts_with("last delivery      ") && last.ends_with(&format!(" ago ({})", rfc(at))),
+        "{table}"
+    );
+    worker.stop();
+}
+
+// ---------------------------------------------------------------------------------------------
+// offline requeue --all
+
+#[test]
+fn offline_requeue_all_moves_every_quarantined_key() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("data");
+    build_fixture(&dir);
+    let d = dir.to_string_lossy().into_owned();
+    let o = run(&["--data-dir", &d, "--format", "table", "requeue", "--all"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(
+        stdout(&o),
+        "requeued 1 keys (moved from quarantine back to pending)\n"
+    );
+    assert_eq!(offline(&dir, &["quarantine"]), json!([]));
+    let q1 = strip(&offline(&dir, &["pending", "--entity", "q1"]));
+    let row = &q1[0];
+    assert_eq!(q1.as_array().map(Vec::len), Some(1));
+    assert_eq!(
+        (
+            &row["property"],
+            &row["value"],
+            &row["ts_ms"],
+            &row["seq"],
+            &row["attempts"],
+            &row["last_error"]
+        ),
+        (
+            &json!("x"),
+            &json!(1),
+            &json!(T + 1000),
+            &json!(5),
+            &json!(0),
+            &Value::Null
+        )
+    );
+    let s = offline(&dir, &["summary"]);
+    assert_eq!(
+        (&s["quarantine_keys"], &s["requeued"], &s["pending_keys"]),
+        (&json!(0), &json!(1), &json!(5))
+    );
+    assert_eq!(
+        offline(&dir, &["requeue", "--all"]),
+        json!({"requeued": 0}),
+        "nothing left"
+    );
+    assert_eq!(offline(&dir, &["verify"])["problems"], json!([]));
 }

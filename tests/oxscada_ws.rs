@@ -2,7 +2,9 @@
 //! header, echoes `oxscada.v1`) sends a snapshot and thousands of tag updates, drops the
 //! connection twice, then sends an alarm and pings; the worker runs in-process against
 //! flux-sim, and flux-sim must end holding the newest value of every tag under the mapped names,
-//! for both presets.
+//! for both presets, with every event stamped with the readings' own source timestamps. Further
+//! tests: the tag filter's subscribe message reaches a server that honours it, a silent server
+//! is dropped after `idle_timeout` and reconnected, a refused key, an oversized message.
 // Configs are built field by field from the defaults on purpose; the handshake callbacks
 // return tungstenite's own (large) ErrorResponse type.
 #![allow(clippy::field_reassign_with_default, clippy::result_large_err)]
@@ -51,6 +53,8 @@ struct FakeScada {
     bad_handshakes: AtomicUsize,
     pongs: AtomicUsize,
     app_pings: AtomicUsize,
+    /// Every reading sent: value (its bits; values are unique per reading) -> source ts.
+    sent: Mutex<std::collections::HashMap<u64, u64>>,
 }
 
 impl FakeScada {
@@ -71,6 +75,7 @@ impl FakeScada {
     fn reading(&self, i: usize, value: f64, ts: u64) -> Value {
         let t = tag(i);
         self.current.lock().unwrap().insert(t.clone(), (value, ts));
+        self.sent.lock().unwrap().insert(value.to_bits(), ts);
         json!({"tagName": t, "value": value, "quality": "good", "timestamp": iso(ts)})
     }
 }
@@ -210,7 +215,7 @@ async fn start_worker(
 ) -> (
     Running,
     tokio::sync::oneshot::Sender<()>,
-    tokio::task::JoinHandle<Result<(), app::StartError>>,
+    tokio::task::JoinHandle<Result<app::Exit, app::StartError>>,
 ) {
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let (ready_tx, ready_rx) = tokio::sync::oneshot::channel::<Running>();
@@ -264,6 +269,7 @@ async fn run_scenario(preset: Preset) {
         let done = scada.connections.load(Ordering::SeqCst) > CONNECTIONS_DROPPED
             && missing.is_empty()
             && scada.pongs.load(Ordering::SeqCst) > 0
+            && scada.app_pings.load(Ordering::SeqCst) > 0
             && flux.entity(&alarm_entity()).is_some();
         if done || Instant::now() > deadline {
             break missing;
@@ -277,6 +283,11 @@ async fn run_scenario(preset: Preset) {
         scada.pongs.load(Ordering::SeqCst) > 0,
         "ping frame answered"
     );
+    assert!(
+        scada.app_pings.load(Ordering::SeqCst) > 0,
+        "application-level {{\"type\":\"ping\"}} sent every ping_interval"
+    );
+    assert_source_timestamps_preserved(&flux, &scada);
     let alarm = flux.entity(&alarm_entity()).expect("alarm entity");
     assert_eq!(alarm.properties["state"], json!("active"));
 
@@ -319,6 +330,38 @@ async fn run_scenario(preset: Preset) {
         .unwrap();
     server.abort();
     flux.shutdown().await;
+}
+
+/// Every event flux-sim applied that carries tag readings is stamped with the newest source
+/// timestamp among them (the flusher's rule), never with an arrival time; and the event that
+/// delivered each tag's final value is at least as new as that reading.
+fn assert_source_timestamps_preserved(flux: &SimHandle, scada: &FakeScada) {
+    let sent = scada.sent.lock().unwrap().clone();
+    let ts_of = |v: &Value| v.as_f64().and_then(|f| sent.get(&f.to_bits()).copied());
+    let mut checked = 0;
+    for ev in flux.applied_log() {
+        let Some(props) = ev.properties.as_object() else {
+            continue;
+        };
+        // Numbers are readings (the alarm entity aside); strings are quality companions.
+        let numbers: Vec<&Value> = props.values().filter(|v| v.is_number()).collect();
+        let readings: Vec<u64> = numbers.iter().filter_map(|v| ts_of(v)).collect();
+        if readings.is_empty() {
+            continue;
+        }
+        assert_eq!(
+            readings.len(),
+            numbers.len(),
+            "a number that is no reading the server sent: {ev:?}"
+        );
+        let newest = *readings.iter().max().unwrap();
+        assert_eq!(
+            ev.timestamp as u64, newest,
+            "event timestamp is not the readings' source time: {ev:?}"
+        );
+        checked += 1;
+    }
+    assert!(checked > 0, "no reading events in flux-sim's applied log");
 }
 
 fn alarm_entity() -> String {
@@ -451,6 +494,202 @@ async fn oversized_message_ends_the_connection_not_the_source() {
         status.updates_ingested.load(Ordering::Relaxed) >= 2,
         "the stream goes on"
     );
+    let _ = stop.send(());
+    tokio::time::timeout(Duration::from_secs(20), task)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    server.abort();
+}
+
+/// The tag filter end to end: after connecting (and after every reconnect) the worker sends
+/// `{"type":"subscribe","tags":[...]}`; this server honours it (after the opening snapshot of
+/// every tag, which 0xSCADA always sends, it streams only subscribed tags). Flux ends with the
+/// subscribed tags' newest values and nothing of the others (the snapshot's unsubscribed tags
+/// are filtered locally).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn subscribe_filter_reaches_the_server_and_is_honoured() {
+    const WANTED: [&str; 2] = ["EQ-0.S0", "EQ-1.S0"];
+    const OTHER: &str = "EQ-0.S1";
+    let dir = tempfile::tempdir().unwrap();
+    let flux = sim::start(
+        sim::SimConfig::default(),
+        TcpListener::bind("127.0.0.1:0").await.unwrap(),
+    )
+    .await
+    .unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let ws_url = format!("ws://{}/ws/tags", listener.local_addr().unwrap());
+    // Per connection, the tags the client subscribed to (None: it never did).
+    let subscriptions: Arc<Mutex<Vec<Option<Vec<String>>>>> = Arc::default();
+    let withheld = Arc::new(AtomicUsize::new(0));
+    let (subs, held) = (subscriptions.clone(), withheld.clone());
+    let server = tokio::spawn(async move {
+        let mut k = 0u64;
+        while let Ok((stream, _)) = listener.accept().await {
+            let echo = |_: &Request, mut resp: Response| -> Result<Response, ErrorResponse> {
+                resp.headers_mut().insert(
+                    "Sec-WebSocket-Protocol",
+                    HeaderValue::from_static("oxscada.v1"),
+                );
+                Ok(resp)
+            };
+            let Ok(mut ws) = tokio_tungstenite::accept_hdr_async(stream, echo).await else {
+                continue;
+            };
+            k += 1;
+            let reading = |t: &str, v: f64, ts: u64| json!({"tagName": t, "value": v, "quality": "good", "timestamp": iso(ts)});
+            // The opening snapshot holds every tag, subscribed or not.
+            let snapshot: serde_json::Map<String, Value> = WANTED
+                .iter()
+                .chain([&OTHER])
+                .map(|t| (t.to_string(), reading(t, -1.0, TS_BASE_MS)))
+                .collect();
+            let snap = json!({"event": "tag:snapshot", "payload": snapshot});
+            if ws.send(Message::text(snap.to_string())).await.is_err() {
+                continue;
+            }
+            // Wait for the client's subscribe (a generous bound; a client that never sends
+            // one gets every tag, as from 0xSCADA).
+            let mut subscribed: Option<Vec<String>> = None;
+            let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+            while subscribed.is_none() {
+                let Ok(Some(Ok(Message::Text(t)))) =
+                    tokio::time::timeout_at(deadline, ws.next()).await
+                else {
+                    break;
+                };
+                let m: Value = serde_json::from_str(t.as_str()).unwrap_or(Value::Null);
+                if m["type"] == "subscribe" {
+                    subscribed = serde_json::from_value(m["tags"].clone()).ok();
+                }
+            }
+            subs.lock().unwrap().push(subscribed.clone());
+            for round in 0..20u64 {
+                for (j, t) in WANTED.iter().chain([&OTHER]).enumerate() {
+                    if subscribed
+                        .as_ref()
+                        .is_some_and(|s| !s.iter().any(|x| x == t))
+                    {
+                        held.fetch_add(1, Ordering::SeqCst);
+                        continue;
+                    }
+                    let v = (k * 1000 + round * 10 + j as u64) as f64;
+                    let ts = TS_BASE_MS + k * 1000 + round + 1;
+                    let msg = json!({"event": "tag:update", "payload": reading(t, v, ts)});
+                    let _ = ws.send(Message::text(msg.to_string())).await;
+                }
+            }
+            if k == 1 {
+                drop(ws); // one reconnect: the subscribe must be sent again
+                continue;
+            }
+            tokio::spawn(async move { while let Some(Ok(_)) = ws.next().await {} });
+        }
+    });
+    let mut cfg = worker_config(dir.path(), &flux.url(), &ws_url, Preset::Scaffold);
+    if let Some(ws) = cfg.sources.oxscada_ws.as_mut() {
+        ws.api_key = None;
+        ws.tags = WANTED.iter().map(|t| t.to_string()).collect();
+    }
+    let (_running, stop, task) = start_worker(cfg).await;
+    // The last connection's last round: k = 2, round 19.
+    let want = |j: u64| json!((2 * 1000 + 19 * 10 + j) as f64);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let e0 = flux.entity("scada/asset/site-1/EQ-0");
+        let e1 = flux.entity("scada/asset/site-1/EQ-1");
+        let done = e0.is_some_and(|e| e.properties.get("tag/EQ-0.S0") == Some(&want(0)))
+            && e1.is_some_and(|e| e.properties.get("tag/EQ-1.S0") == Some(&want(1)));
+        if done || Instant::now() > deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let subs = subscriptions.lock().unwrap().clone();
+    let wanted: Vec<String> = WANTED.iter().map(|t| t.to_string()).collect();
+    assert!(subs.len() >= 2, "reconnected: {subs:?}");
+    assert!(
+        subs.iter().all(|s| s.as_ref() == Some(&wanted)),
+        "every connection subscribes to exactly the configured tags: {subs:?}"
+    );
+    assert!(withheld.load(Ordering::SeqCst) > 0, "the server filtered");
+    let state = flux.entities();
+    let eq0 = state.get("scada/asset/site-1/EQ-0").expect("EQ-0 in Flux");
+    assert_eq!(eq0.get("tag/EQ-0.S0"), Some(&want(0)), "{state:?}");
+    assert_eq!(
+        state
+            .get("scada/asset/site-1/EQ-1")
+            .and_then(|p| p.get("tag/EQ-1.S0")),
+        Some(&want(1)),
+        "{state:?}"
+    );
+    assert!(
+        !eq0.contains_key("tag/EQ-0.S1"),
+        "an unsubscribed tag reached Flux: {state:?}"
+    );
+    let _ = stop.send(());
+    tokio::time::timeout(Duration::from_secs(20), task)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    server.abort();
+    flux.shutdown().await;
+}
+
+/// A server that accepts, sends one update and then goes silent (it ignores the client's
+/// `{"type":"ping"}`): the client gives up after `idle_timeout`, counts it, and reconnects.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_server_is_dropped_after_idle_timeout_and_reconnected() {
+    let dir = tempfile::tempdir().unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let ws_url = format!("ws://{}/ws/tags", listener.local_addr().unwrap());
+    let conns = Arc::new(AtomicUsize::new(0));
+    let c = conns.clone();
+    let server = tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let echo = |_: &Request, mut resp: Response| -> Result<Response, ErrorResponse> {
+                resp.headers_mut().insert(
+                    "Sec-WebSocket-Protocol",
+                    HeaderValue::from_static("oxscada.v1"),
+                );
+                Ok(resp)
+            };
+            let Ok(mut ws) = tokio_tungstenite::accept_hdr_async(stream, echo).await else {
+                continue;
+            };
+            let k = c.fetch_add(1, Ordering::SeqCst);
+            let update = json!({"event":"tag:update","payload":{"tagName":"EQ-0.S0","value":k,
+                "timestamp": iso(TS_BASE_MS + k as u64)}});
+            let _ = ws.send(Message::text(update.to_string())).await;
+            // Read (and ignore) everything; never answer; keep the TCP connection open.
+            tokio::spawn(async move { while let Some(Ok(_)) = ws.next().await {} });
+        }
+    });
+    let mut cfg = worker_config(dir.path(), "http://127.0.0.1:9", &ws_url, Preset::Scaffold);
+    cfg.flux.url = None;
+    if let Some(ws) = cfg.sources.oxscada_ws.as_mut() {
+        ws.api_key = None;
+        ws.ping_interval = Duration::from_millis(100);
+        ws.idle_timeout = Duration::from_millis(400);
+    }
+    let (running, stop, task) = start_worker(cfg).await;
+    let status = &running.metrics.oxscada_ws;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while (conns.load(Ordering::SeqCst) < 3 || status.bad_count("idle_timeout") < 2)
+        && Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        status.bad_count("idle_timeout") >= 2,
+        "idle connections dropped: {}",
+        status.bad_count("idle_timeout")
+    );
+    assert!(conns.load(Ordering::SeqCst) >= 3, "and reopened");
+    assert!(status.updates_ingested.load(Ordering::Relaxed) >= 2);
     let _ = stop.send(());
     tokio::time::timeout(Duration::from_secs(20), task)
         .await

@@ -41,7 +41,7 @@ async fn start_worker(
 ) -> (
     Running,
     tokio::sync::oneshot::Sender<()>,
-    tokio::task::JoinHandle<Result<(), app::StartError>>,
+    tokio::task::JoinHandle<Result<app::Exit, app::StartError>>,
 ) {
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let (ready_tx, ready_rx) = tokio::sync::oneshot::channel::<Running>();
@@ -366,4 +366,134 @@ fn overlay_rules() {
     o.props.insert("c".into(), (v(30, 3), json!("new"), 1_000));
     let (p, _) = merge(Some(&flux), Some(&o)).unwrap();
     assert_eq!(Value::Object(p), json!({"c": "new"}));
+}
+
+async fn post_update(
+    http: &reqwest::Client,
+    base: &str,
+    token: Option<&str>,
+    entity: &str,
+    ts: u64,
+) -> u16 {
+    let mut req = http
+        .post(format!("{base}/v1/updates"))
+        .header("content-type", "application/json")
+        .body(json!({"entity": entity, "properties": {"tag/T": ts}, "ts": ts}).to_string());
+    if let Some(t) = token {
+        req = req.bearer_auth(t);
+    }
+    req.send().await.unwrap().status().as_u16()
+}
+
+async fn stop_worker(
+    stop: tokio::sync::oneshot::Sender<()>,
+    task: tokio::task::JoinHandle<Result<app::Exit, app::StartError>>,
+) {
+    let _ = stop.send(());
+    tokio::time::timeout(Duration::from_secs(20), task)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+}
+
+/// `read_through.require_token`: reads answer 401 without the ingest token (or with a wrong
+/// one) when it is set, and need none when it is not (like Flux's reads) while writes still do.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_need_the_ingest_token_only_when_required() {
+    const TOKEN: &str = "ingest-token-for-tests";
+    let http = reqwest::Client::new();
+    let id = "scada/asset/site-1/TR-1";
+    let url = |base: &str| format!("{base}/api/state/entities/{}", enc(id));
+    for require in [true, false] {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = config(dir.path(), None);
+        cfg.ingest.token = Some(flux_outbox::config::Secret::new(TOKEN));
+        cfg.read_through.require_token = require;
+        cfg.validate().unwrap();
+        let (running, stop, task) = start_worker(cfg).await;
+        let base = format!("http://{}", running.ingest_addr);
+        assert_eq!(post_update(&http, &base, None, id, 1000).await, 401);
+        assert_eq!(post_update(&http, &base, Some(TOKEN), id, 1000).await, 200);
+
+        let status = |r: reqwest::Response| r.status().as_u16();
+        let anonymous = status(http.get(url(&base)).send().await.unwrap());
+        let wrong = status(
+            http.get(url(&base))
+                .bearer_auth("wrong")
+                .send()
+                .await
+                .unwrap(),
+        );
+        let right = http
+            .get(url(&base))
+            .bearer_auth(TOKEN)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(right.status().as_u16(), 200, "require_token = {require}");
+        let body: Value = serde_json::from_str(&right.text().await.unwrap()).unwrap();
+        assert_eq!(body["properties"], json!({"tag/T": 1000}));
+        let list = status(
+            http.get(format!("{base}/api/state/entities?prefix=scada"))
+                .send()
+                .await
+                .unwrap(),
+        );
+        if require {
+            assert_eq!((anonymous, wrong, list), (401, 401, 401));
+        } else {
+            assert_eq!((anonymous, wrong, list), (200, 200, 200));
+        }
+        stop_worker(stop, task).await;
+    }
+}
+
+/// `read_through.pending_rows_max` bounds the overlay; an answer that hit it says so with
+/// `X-Flux-Outbox-Truncated: true`, one below it carries no such header.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overlay_cut_at_pending_rows_max_says_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let http = reqwest::Client::new();
+    let mut cfg = config(dir.path(), None);
+    cfg.read_through.pending_rows_max = 3;
+    cfg.validate().unwrap();
+    let (running, stop, task) = start_worker(cfg).await;
+    let base = format!("http://{}", running.ingest_addr);
+    let list = || async {
+        let r = http
+            .get(format!("{base}/api/state/entities?prefix=scada%2Fasset"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status().as_u16(), 200);
+        let truncated = r
+            .headers()
+            .get("x-flux-outbox-truncated")
+            .map(|v| v.to_str().unwrap().to_string());
+        let body: Value = serde_json::from_str(&r.text().await.unwrap()).unwrap();
+        (truncated, body.as_array().unwrap().len())
+    };
+    for i in 0..2 {
+        let e = format!("scada/asset/site-1/TR-{i}");
+        assert_eq!(post_update(&http, &base, None, &e, 1000 + i).await, 200);
+    }
+    assert_eq!(
+        list().await,
+        (None, 2),
+        "below the bound: complete, no header"
+    );
+    for i in 2..6 {
+        let e = format!("scada/asset/site-1/TR-{i}");
+        assert_eq!(post_update(&http, &base, None, &e, 1000 + i).await, 200);
+    }
+    // Once compacted, all six are in the pending set, of which one read takes three.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while running.store.stats().log_backlog > 0 && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(running.store.stats().log_backlog, 0, "compacted");
+    assert_eq!(running.store.stats().pending_keys, 6);
+    assert_eq!(list().await, (Some("true".to_string()), 3));
+    stop_worker(stop, task).await;
 }

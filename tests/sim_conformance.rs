@@ -1195,3 +1195,132 @@ async fn public_mode_batch_rate_limit_has_no_retry_after() {
     );
     assert_eq!(v["results"][2]["error"], "rate limit exceeded");
 }
+
+// ---------------------------------------------------------------------------------------------
+// The flux-sim binary itself: `--listen`, the printed address, and start-time fault flags.
+
+/// Starts the built `flux-sim` binary and returns it with the base URL it printed.
+fn spawn_flux_sim(args: &[&str]) -> (std::process::Child, String) {
+    use std::io::BufRead;
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_flux-sim"))
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("spawn flux-sim");
+    let stdout = child.stdout.take().expect("stdout");
+    let mut line = String::new();
+    // Blocks until the one line is printed (or the child exits: empty line).
+    std::io::BufReader::new(stdout)
+        .read_line(&mut line)
+        .expect("read flux-sim stdout");
+    let url = line
+        .trim()
+        .strip_prefix("flux-sim listening on ")
+        .unwrap_or_else(|| {
+            let _ = child.kill();
+            panic!("unexpected first line {line:?}")
+        })
+        .to_string();
+    (child, url)
+}
+
+struct KillOnDrop(std::process::Child);
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn one_event_batch() -> Value {
+    json!({"events": [{"stream": "scada", "source": "t", "timestamp": 1,
+        "payload": {"entity_id": "bin/e1", "properties": {"v": 1}}}]})
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flux_sim_binary_listens_where_told_prints_it_and_applies_start_faults() {
+    // A free port chosen here, then handed to --listen.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind")
+        .local_addr()
+        .expect("addr")
+        .port();
+    let listen = format!("127.0.0.1:{port}");
+    let (child, url) = spawn_flux_sim(&["--listen", &listen]);
+    let _guard = KillOnDrop(child);
+    assert_eq!(url, format!("http://{listen}"), "prints where it listens");
+    let http = reqwest::Client::new();
+    let r = http
+        .post(format!("{url}/api/events/batch"))
+        .jbody(&one_event_batch())
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(r.status(), 200);
+    let a: Value = r.jv().await.expect("answer");
+    assert_eq!(a["successful"], 1, "{a}");
+    let r = http
+        .get(format!("{url}/api/state/entities/bin%2Fe1"))
+        .send()
+        .await
+        .expect("get");
+    let e: Value = r.jv().await.expect("entity");
+    assert_eq!(e["properties"]["v"], 1, "{e}");
+
+    // Start flags: every write answered 429 with the Retry-After given at start; port 0 picks
+    // a free port and the printed address names it.
+    let (child, url) = spawn_flux_sim(&[
+        "--listen",
+        "127.0.0.1:0",
+        "--rate-429-rate",
+        "1",
+        "--rate-429-retry-after-s",
+        "7",
+        "--seed",
+        "3",
+    ]);
+    let _guard2 = KillOnDrop(child);
+    assert!(
+        url.starts_with("http://127.0.0.1:") && !url.ends_with(":0"),
+        "{url}"
+    );
+    let r = http
+        .post(format!("{url}/api/events/batch"))
+        .jbody(&one_event_batch())
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(r.status(), 429);
+    assert_eq!(
+        r.headers().get("retry-after").and_then(|v| v.to_str().ok()),
+        Some("7")
+    );
+    let a: Value = r.jv().await.expect("answer");
+    assert_eq!(a, json!({"error": "rate limit exceeded"}));
+    // Without the flag, Flux's fixed 60.
+    let (child, url) = spawn_flux_sim(&["--rate-429-rate", "1"]);
+    let _guard3 = KillOnDrop(child);
+    let r = http
+        .post(format!("{url}/api/events/batch"))
+        .jbody(&one_event_batch())
+        .send()
+        .await
+        .expect("post");
+    assert_eq!(r.status(), 429);
+    assert_eq!(
+        r.headers().get("retry-after").and_then(|v| v.to_str().ok()),
+        Some("60")
+    );
+    // A bad flag value is refused at start (non-zero exit, no listening line).
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_flux-sim"))
+        .args(["--listen", "127.0.0.1:0", "--hang-rate", "1.5"])
+        .output()
+        .expect("run flux-sim");
+    assert!(!out.status.success());
+    assert!(
+        out.stdout.is_empty(),
+        "{:?}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+}

@@ -4,7 +4,7 @@
 mod common;
 
 use common::*;
-use flux_outbox::store::{StoreError, StoreOptions};
+use flux_outbox::store::{ClaimLimits, Outcome, StoreError, StoreOptions};
 use serde_json::json;
 
 fn limited(max: u64) -> StoreOptions {
@@ -105,6 +105,158 @@ fn the_limit_counts_uncompacted_keys_after_a_restart() {
     store.compact_all().unwrap();
     assert_eq!(store.stats().pending_keys, 4);
     assert_eq!(pending(&store).len(), 4);
+    assert_clean(&store);
+    store.close().unwrap();
+}
+
+fn is_full(r: &Result<flux_outbox::store::IngestAck, StoreError>, what: &str) -> bool {
+    matches!(r, Err(StoreError::Full(why)) if why.contains(what))
+}
+
+#[test]
+fn disk_cap_refuses_new_keys_but_accepts_updates_of_existing_ones() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = open(dir.path(), fast_opts());
+    store
+        .ingest_blocking(vec![set("e1", 1, &[("a", json!(1)), ("b", json!(1))])])
+        .unwrap();
+    store.compact_all().unwrap();
+    store.close().unwrap();
+    drop(store);
+
+    // Reopened with a disk cap below what the store already uses (measured at open).
+    let capped = StoreOptions {
+        disk_bytes_max: 1,
+        ..fast_opts()
+    };
+    let (store, _) = open(dir.path(), capped);
+    assert!(store.stats().disk_bytes >= 1);
+    let r = store.ingest_blocking(vec![set("e2", 2, &[("x", json!(1))])]);
+    assert!(
+        is_full(&r, "bytes on disk"),
+        "new key at the disk cap: {r:?}"
+    );
+    // Also a new property of an entity that exists is a new key.
+    let r = store.ingest_blocking(vec![set("e1", 2, &[("c", json!(1))])]);
+    assert!(is_full(&r, "bytes on disk"), "{r:?}");
+    // Updates of keys already there do not grow the store: accepted.
+    store
+        .ingest_blocking(vec![set("e1", 2, &[("a", json!(2)), ("b", json!(2))])])
+        .unwrap();
+    store.compact_all().unwrap();
+    let p = pending(&store);
+    assert_eq!(p.len(), 2, "{p:?}");
+    assert_eq!(p[&("e1".into(), "a".into())], (json!(2), 2));
+    assert_eq!(p[&("e1".into(), "b".into())], (json!(2), 2));
+    assert_clean(&store);
+    store.close().unwrap();
+    drop(store);
+
+    // Control: the same store under a large cap takes new keys again.
+    let (store, _) = open(dir.path(), fast_opts());
+    store
+        .ingest_blocking(vec![set("e2", 2, &[("x", json!(1))])])
+        .unwrap();
+    store.close().unwrap();
+}
+
+#[test]
+fn full_store_accepts_updates_of_keys_still_in_the_log_or_in_quarantine() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = open(dir.path(), limited(4));
+    // Two keys go to quarantine (no compactor thread here: folding is explicit).
+    store
+        .ingest_blocking(vec![set("q", 1, &[("a", json!(1)), ("b", json!(1))])])
+        .unwrap();
+    store.compact_all().unwrap();
+    let c = store
+        .claim(ClaimLimits {
+            events_max: 100,
+            bytes_max: 1 << 20,
+        })
+        .unwrap()
+        .unwrap();
+    settle_all(&store, &c, || {
+        Some(Outcome::Quarantine {
+            reason: "validation failed: test".into(),
+            http_status: None,
+        })
+    });
+    assert_eq!(store.stats().quarantine_keys, 2);
+    // Four keys written and NOT compacted: the store is full while they sit in the log.
+    store
+        .ingest_blocking(vec![set(
+            "e1",
+            1,
+            &[
+                ("a", json!(1)),
+                ("b", json!(1)),
+                ("c", json!(1)),
+                ("d", json!(1)),
+            ],
+        )])
+        .unwrap();
+    assert!(store.stats().log_backlog > 0);
+    let r = store.ingest_blocking(vec![set("new", 1, &[("n", json!(1))])]);
+    assert!(is_full(&r, "pending keys"), "a new key: {r:?}");
+    // Updates of keys only in the log are not new keys.
+    store
+        .ingest_blocking(vec![set("e1", 2, &[("a", json!(2)), ("d", json!(2))])])
+        .unwrap();
+    // Nor is an update of a quarantined key: it becomes pending again, the quarantined
+    // value stays inspectable.
+    store
+        .ingest_blocking(vec![set("q", 2, &[("a", json!(2))])])
+        .unwrap();
+    // Still refused as a whole when any key is new.
+    let r = store.ingest_blocking(vec![set("e1", 3, &[("a", json!(3)), ("zz", json!(3))])]);
+    assert!(is_full(&r, "pending keys"), "{r:?}");
+    store.compact_all().unwrap();
+    let p = pending(&store);
+    assert_eq!(p[&("e1".into(), "a".into())], (json!(2), 2));
+    assert_eq!(p[&("e1".into(), "d".into())], (json!(2), 2));
+    assert_eq!(p[&("q".into(), "a".into())], (json!(2), 2));
+    assert!(!p.contains_key(&("new".into(), "n".into())));
+    assert!(!p.contains_key(&("e1".into(), "zz".into())));
+    assert_eq!(store.stats().quarantine_keys, 2);
+    assert_clean(&store);
+    store.close().unwrap();
+}
+
+#[test]
+fn full_store_accepts_an_update_of_a_key_added_earlier_in_the_same_commit_group() {
+    // A long group-commit window gathers both requests into one commit group: the second
+    // updates a key that only the first (not yet in sled) adds, and must not count as new.
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = open(
+        dir.path(),
+        StoreOptions {
+            group_commit_window: std::time::Duration::from_millis(500),
+            ..limited(3)
+        },
+    );
+    store
+        .ingest_blocking(vec![set("e", 1, &[("a", json!(0)), ("b", json!(0))])])
+        .unwrap();
+    let s1 = store.clone();
+    let first =
+        std::thread::spawn(move || s1.ingest_blocking(vec![set("e", 2, &[("c", json!(2))])]));
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    let s2 = store.clone();
+    let second =
+        std::thread::spawn(move || s2.ingest_blocking(vec![set("e", 3, &[("c", json!(3))])]));
+    let (a, b) = (first.join().unwrap(), second.join().unwrap());
+    assert!(a.is_ok(), "{a:?}");
+    assert!(
+        b.is_ok(),
+        "an update of a key added earlier in the group: {b:?}"
+    );
+    let r = store.ingest_blocking(vec![set("n", 4, &[("x", json!(1))])]);
+    assert!(matches!(r, Err(StoreError::Full(_))), "{r:?}");
+    store.compact_all().unwrap();
+    let p = pending(&store);
+    assert_eq!(p.len(), 3, "{p:?}");
+    assert_eq!(p[&("e".into(), "c".into())], (json!(3), 3));
     assert_clean(&store);
     store.close().unwrap();
 }

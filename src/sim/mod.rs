@@ -70,7 +70,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 pub use util::rfc3339_nanos;
-pub use world::{AppliedEvent, Entity, SimStats};
+pub use world::{AppliedEvent, Entity, RejectedEvent, SimStats};
 
 use conn::{ConnHandle, SimListener};
 use server::{lock, Shared};
@@ -282,6 +282,16 @@ impl SimHandle {
     /// The retained applied events, in application order.
     pub fn applied_log(&self) -> Vec<AppliedEvent> {
         lock(&self.shared().world).log.iter().cloned().collect()
+    }
+
+    /// The retained events refused for validation (per event), in arrival order: an oracle of
+    /// what a worker must quarantine.
+    pub fn rejected_log(&self) -> Vec<RejectedEvent> {
+        lock(&self.shared().world)
+            .rejected
+            .iter()
+            .cloned()
+            .collect()
     }
 
     /// Retained applied events with `index >= since` (cheaper than the whole log when polling).

@@ -311,6 +311,7 @@ fn validate(s: &Shared, ev: WireEvent, f: &Faults) -> Result<Checked, (String, S
         None
     };
     if let Some(msg) = rule {
+        lock(&s.world).reject(ev.event_id.as_deref(), &ev.payload, &msg);
         return Err((msg, ev.stream));
     }
     let event_id = match ev.event_id {

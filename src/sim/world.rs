@@ -54,6 +54,21 @@ pub struct AppliedEvent {
     pub late: bool,
 }
 
+/// One event refused per event for validation (`eventId: null` in a batch answer, 400 for a
+/// single POST), kept for test oracles: what a worker should have quarantined.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct RejectedEvent {
+    /// The `eventId` the client sent, if any.
+    #[serde(rename = "eventId")]
+    pub event_id: Option<String>,
+    /// `payload.entity_id` when it is a string.
+    pub entity_id: Option<String>,
+    /// `payload.properties` as sent (`null` when absent).
+    pub properties: Value,
+    /// The validation message Flux (or the fault) gave.
+    pub reason: String,
+}
+
 /// An event that passed validation and got its id; what the sim "publishes".
 #[derive(Clone, Debug)]
 pub(crate) struct Prepared {
@@ -69,6 +84,8 @@ pub(crate) struct World {
     pub log: VecDeque<AppliedEvent>,
     pub log_capacity: usize,
     pub applied: u64,
+    /// Events refused for validation, newest last, at most `log_capacity`.
+    pub rejected: VecDeque<RejectedEvent>,
 }
 
 impl World {
@@ -78,6 +95,7 @@ impl World {
             log: VecDeque::new(),
             log_capacity,
             applied: 0,
+            rejected: VecDeque::new(),
         }
     }
 
@@ -131,6 +149,25 @@ impl World {
                 late,
             });
         }
+    }
+
+    /// Remembers an event refused for validation (bounded like the applied log).
+    pub fn reject(&mut self, event_id: Option<&str>, payload: &Value, reason: &str) {
+        if self.log_capacity == 0 {
+            return;
+        }
+        if self.rejected.len() >= self.log_capacity {
+            self.rejected.pop_front();
+        }
+        self.rejected.push_back(RejectedEvent {
+            event_id: event_id.map(str::to_owned),
+            entity_id: payload
+                .get("entity_id")
+                .and_then(Value::as_str)
+                .map(str::to_owned),
+            properties: payload.get("properties").cloned().unwrap_or(Value::Null),
+            reason: reason.to_owned(),
+        });
     }
 
     /// Retained log entries with `index >= since`.

@@ -41,6 +41,9 @@ struct Args {
     error_500_rate: f64,
     #[arg(long, default_value_t = 0.0)]
     rate_429_rate: f64,
+    /// Retry-After (seconds) of the injected 429s; 0 means Flux's fixed 60.
+    #[arg(long = "rate-429-retry-after-s", default_value_t = 0)]
+    rate_429_retry_after_s: u64,
     #[arg(long, default_value_t = 0.0)]
     publish_fail_rate: f64,
     #[arg(long, default_value_t = 0.0)]
@@ -78,6 +81,7 @@ async fn run(a: Args) -> Result<(), Box<dyn std::error::Error>> {
     let faults = Faults {
         error_500_rate: a.error_500_rate,
         rate_429_rate: a.rate_429_rate,
+        rate_429_retry_after_s: a.rate_429_retry_after_s,
         publish_fail_rate: a.publish_fail_rate,
         validation_fail_rate: a.validation_fail_rate,
         latency_ms: a.latency_ms,

@@ -5,7 +5,7 @@
 //! ```text
 //! outbox-dump summary
 //! outbox-dump pending [--entity PREFIX] [--older-than 10m] [--limit N]
-//! outbox-dump quarantine [--entity PREFIX] [--limit N]
+//! outbox-dump quarantine [--entity PREFIX] [--older-than 10m] [--limit N]
 //! outbox-dump log [--limit N]
 //! outbox-dump verify                      # exit 1 when anything is wrong
 //! outbox-dump export [--quarantine] > backlog.ndjson
@@ -33,6 +33,9 @@
 //! config's `data_dir`) is opened offline, and when it is locked by the running worker the tool
 //! goes live through the config's `admin.listen`. `--config` takes the worker's config file;
 //! without it the worker's defaults and environment apply, as for the worker itself.
+//!
+//! A record a listing or `export` cannot read (corrupt) is not shown; the tool says how many on
+//! stderr (`warning: ...`), offline and live, and `verify` names them.
 //!
 //! Exit status: 0 done, 1 `verify` found problems, 2 the tool could not do what was asked (the
 //! message says what, where and why). Tokens are never printed.
@@ -110,9 +113,6 @@ enum Command {
     Pending {
         #[command(flatten)]
         filter: Filter,
-        /// Only keys pending for at least this long (`10m`, `2h 30m`).
-        #[arg(long, value_name = "AGE", value_parser = humantime::parse_duration)]
-        older_than: Option<Duration>,
     },
     /// Keys Flux rejected for good, with the reason and HTTP status.
     Quarantine {
@@ -157,9 +157,36 @@ struct Filter {
     /// Only entities whose id starts with this.
     #[arg(long, value_name = "PREFIX")]
     entity: Option<String>,
+    /// Only keys whose value has waited at least this long since it first became pending
+    /// (the AGE column; `10m`, `2h 30m`).
+    #[arg(long, value_name = "AGE", value_parser = humantime::parse_duration)]
+    older_than: Option<Duration>,
     /// Most rows shown.
     #[arg(long, default_value_t = LIST_LIMIT_DEFAULT, value_parser = parse_limit)]
     limit: usize,
+}
+
+impl Filter {
+    fn older_than_ms(&self) -> Option<u64> {
+        self.older_than
+            .map(|d| d.as_millis().min(u128::from(u64::MAX)) as u64)
+    }
+}
+
+/// Says on stderr how many records a listing or export could not read (stdout stays the
+/// plain listing). `what`: "pending ", "log ", ... or "" for records of any kind.
+fn warn_unreadable(n: u64, what: &str, not_done: &str) {
+    if n > 0 {
+        let (records, verb) = if n == 1 {
+            ("record", "is")
+        } else {
+            ("records", "are")
+        };
+        eprintln!(
+            "outbox-dump: warning: {n} {what}{records} could not be read (corrupt) and {verb} \
+             not {not_done}; `outbox-dump verify` names them"
+        );
+    }
 }
 
 fn parse_limit(s: &str) -> Result<usize, String> {
@@ -223,19 +250,34 @@ fn run(cli: &Cli, format: Format) -> Result<(String, u8), Failure> {
             let summary = source.summary()?;
             Ok((render::summary(&summary, &source, now, format), 0))
         }
-        Command::Pending { filter, older_than } => {
-            let older_ms = older_than.map(|d| d.as_millis().min(u128::from(u64::MAX)) as u64);
-            let rows = source.pending(filter.entity.as_deref(), older_ms, filter.limit)?;
+        Command::Pending { filter } => {
+            let listing = source.pending(
+                filter.entity.as_deref(),
+                filter.older_than_ms(),
+                filter.limit,
+            )?;
+            warn_unreadable(listing.unreadable, "pending ", "shown");
             Ok((
-                render::rows(&rows, render::RowKind::Pending, filter.limit, now, format),
+                render::rows(
+                    &listing.rows,
+                    render::RowKind::Pending,
+                    filter.limit,
+                    now,
+                    format,
+                ),
                 0,
             ))
         }
         Command::Quarantine { filter } => {
-            let rows = source.quarantine(filter.entity.as_deref(), filter.limit)?;
+            let listing = source.quarantine(
+                filter.entity.as_deref(),
+                filter.older_than_ms(),
+                filter.limit,
+            )?;
+            warn_unreadable(listing.unreadable, "quarantine ", "shown");
             Ok((
                 render::rows(
-                    &rows,
+                    &listing.rows,
                     render::RowKind::Quarantine,
                     filter.limit,
                     now,
@@ -245,15 +287,22 @@ fn run(cli: &Cli, format: Format) -> Result<(String, u8), Failure> {
             ))
         }
         Command::Log { limit } => {
-            let rows = source.log(*limit)?;
-            Ok((render::log(&rows, *limit, now, format), 0))
+            let listing = source.log(*limit)?;
+            warn_unreadable(listing.unreadable, "log ", "shown");
+            Ok((render::log(&listing.rows, *limit, now, format), 0))
         }
         Command::Verify => {
             let report = source.verify()?;
             let code = if report.problems.is_empty() { 0 } else { 1 };
             Ok((render::verify(&report, format), code))
         }
-        Command::Export { quarantine } => Ok((source.export(*quarantine)?, 0)),
+        Command::Export { quarantine } => {
+            let (ndjson, unreadable) = source.export(*quarantine)?;
+            // Pending export folds the log: its unreadable records are log or pending ones.
+            let what = if *quarantine { "quarantine " } else { "" };
+            warn_unreadable(unreadable, what, "exported");
+            Ok((ndjson, 0))
+        }
         Command::Requeue { target } => {
             // clap requires exactly one of the two; `--all` means no prefix.
             let prefix = if target.all {

@@ -5,12 +5,12 @@
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use flux_outbox::admin::{rows_to_ndjson, Summary};
+use flux_outbox::admin::{rows_to_ndjson, Summary, UNREADABLE_HEADER};
 use flux_outbox::config::Config;
 use flux_outbox::record::FORMAT_VERSION;
 use flux_outbox::store::{
-    self, LogRow, Row, Store, StoreError, StoreOptions, TreeFormat, TreeMeta, VerifyReport,
-    STORE_DIR,
+    self, Listing, LogRow, Row, Store, StoreError, StoreOptions, TreeFormat, TreeMeta,
+    VerifyReport, STORE_DIR,
 };
 
 use crate::{Failure, Global};
@@ -155,10 +155,12 @@ impl Source {
         entity: Option<&str>,
         older_than_ms: Option<u64>,
         limit: usize,
-    ) -> Result<Vec<Row>, Failure> {
+    ) -> Result<Listing<Row>, Failure> {
         match self {
-            Source::Offline(o) => store::tree_pending_rows(o.db()?, entity, older_than_ms, limit)
-                .map_err(|e| o.err(e)),
+            Source::Offline(o) => {
+                store::tree_pending_listing(o.db()?, entity, older_than_ms, limit)
+                    .map_err(|e| o.err(e))
+            }
             Source::Live(l) => {
                 let mut q = vec![("limit", limit.to_string())];
                 if let Some(e) = entity {
@@ -167,30 +169,41 @@ impl Source {
                 if let Some(ms) = older_than_ms {
                     q.push(("older_than", format!("{ms}ms")));
                 }
-                l.get_json("/v1/outbox/pending", &q)
+                l.get_listing("/v1/outbox/pending", &q)
             }
         }
     }
 
-    pub fn quarantine(&self, entity: Option<&str>, limit: usize) -> Result<Vec<Row>, Failure> {
+    /// `older_than_ms`: as for pending, the time since the value first became pending (the
+    /// AGE column), not since it was quarantined.
+    pub fn quarantine(
+        &self,
+        entity: Option<&str>,
+        older_than_ms: Option<u64>,
+        limit: usize,
+    ) -> Result<Listing<Row>, Failure> {
         match self {
             Source::Offline(o) => {
-                store::tree_quarantine_rows(o.db()?, entity, limit).map_err(|e| o.err(e))
+                store::tree_quarantine_listing(o.db()?, entity, older_than_ms, limit)
+                    .map_err(|e| o.err(e))
             }
             Source::Live(l) => {
                 let mut q = vec![("limit", limit.to_string())];
                 if let Some(e) = entity {
                     q.push(("entity", e.to_string()));
                 }
-                l.get_json("/v1/outbox/quarantine", &q)
+                if let Some(ms) = older_than_ms {
+                    q.push(("older_than", format!("{ms}ms")));
+                }
+                l.get_listing("/v1/outbox/quarantine", &q)
             }
         }
     }
 
-    pub fn log(&self, limit: usize) -> Result<Vec<LogRow>, Failure> {
+    pub fn log(&self, limit: usize) -> Result<Listing<LogRow>, Failure> {
         match self {
-            Source::Offline(o) => store::tree_log_rows(o.db()?, limit).map_err(|e| o.err(e)),
-            Source::Live(l) => l.get_json("/v1/outbox/log", &[("limit", limit.to_string())]),
+            Source::Offline(o) => store::tree_log_listing(o.db()?, limit).map_err(|e| o.err(e)),
+            Source::Live(l) => l.get_listing("/v1/outbox/log", &[("limit", limit.to_string())]),
         }
     }
 
@@ -213,17 +226,17 @@ impl Source {
 
     /// NDJSON in the native ingest format. Offline the log tail is folded in memory (nothing is
     /// written); live the worker compacts first. Either way: what `pending` shows after
-    /// compaction.
-    pub fn export(&self, quarantine: bool) -> Result<String, Failure> {
+    /// compaction. Also returns how many records could not be read (and are not exported).
+    pub fn export(&self, quarantine: bool) -> Result<(String, u64), Failure> {
         match self {
             Source::Offline(o) => {
-                let rows = if quarantine {
-                    store::tree_quarantine_rows(o.db()?, None, usize::MAX)
+                let listing = if quarantine {
+                    store::tree_quarantine_listing(o.db()?, None, None, usize::MAX)
                 } else {
-                    store::tree_folded_pending_rows(o.db()?)
+                    store::tree_folded_pending_listing(o.db()?)
                 }
                 .map_err(|e| o.err(e))?;
-                Ok(rows_to_ndjson(&rows))
+                Ok((rows_to_ndjson(&listing.rows), listing.unreadable))
             }
             Source::Live(l) => {
                 let q: Vec<(&str, String)> = if quarantine {
@@ -231,7 +244,9 @@ impl Source {
                 } else {
                     vec![]
                 };
-                l.get_text("/v1/outbox/export", &q)
+                let (body, unreadable) =
+                    l.request(reqwest::Method::GET, "/v1/outbox/export", &q)?;
+                Ok((body, unreadable))
             }
         }
     }
@@ -257,7 +272,7 @@ impl Source {
                 }
                 let v: serde_json::Value = l
                     .request(reqwest::Method::POST, "/v1/outbox/requeue", &q)
-                    .and_then(|body| {
+                    .and_then(|(body, _)| {
                         serde_json::from_str(&body).map_err(|e| {
                             Failure(format!(
                                 "admin API at {}: requeue answer is not JSON: {e}",
@@ -506,12 +521,14 @@ impl Live {
         })
     }
 
+    /// The answer's body and its unreadable-records count ([`UNREADABLE_HEADER`], 0 when the
+    /// worker does not send it).
     fn request(
         &self,
         method: reqwest::Method,
         path: &str,
         query: &[(&str, String)],
-    ) -> Result<String, Failure> {
+    ) -> Result<(String, u64), Failure> {
         let url = format!("{}{path}", self.base);
         let mut req = self.client.request(method, &url).query(query);
         if let Some(t) = &self.token {
@@ -520,10 +537,16 @@ impl Live {
         let result = self.rt.block_on(async {
             let resp = req.send().await?;
             let status = resp.status();
+            let unreadable = resp
+                .headers()
+                .get(UNREADABLE_HEADER)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .unwrap_or(0);
             let body = resp.text().await?;
-            Ok::<_, reqwest::Error>((status, body))
+            Ok::<_, reqwest::Error>((status, body, unreadable))
         });
-        let (status, body) = match result {
+        let (status, body, unreadable) = match result {
             Ok(sb) => sb,
             Err(e) if e.is_connect() || e.is_timeout() => {
                 let what = format!(
@@ -548,7 +571,7 @@ impl Live {
             }
         };
         if status.is_success() {
-            return Ok(body);
+            return Ok((body, unreadable));
         }
         // The worker answers errors as {"error": "..."}; show that, not the raw JSON.
         let message = serde_json::from_str::<serde_json::Value>(&body)
@@ -570,22 +593,37 @@ impl Live {
         )))
     }
 
-    fn get_text(&self, path: &str, query: &[(&str, String)]) -> Result<String, Failure> {
-        self.request(reqwest::Method::GET, path, query)
-    }
-
     fn get_json<T: serde::de::DeserializeOwned>(
         &self,
         path: &str,
         query: &[(&str, String)],
     ) -> Result<T, Failure> {
-        let body = self.get_text(path, query)?;
-        serde_json::from_str(&body).map_err(|e| {
+        Ok(self.get_json_counted(path, query)?.0)
+    }
+
+    /// A listing: the rows and the count of records the worker could not read.
+    fn get_listing<T: serde::de::DeserializeOwned>(
+        &self,
+        path: &str,
+        query: &[(&str, String)],
+    ) -> Result<Listing<T>, Failure> {
+        let (rows, unreadable) = self.get_json_counted(path, query)?;
+        Ok(Listing { rows, unreadable })
+    }
+
+    fn get_json_counted<T: serde::de::DeserializeOwned>(
+        &self,
+        path: &str,
+        query: &[(&str, String)],
+    ) -> Result<(T, u64), Failure> {
+        let (body, unreadable) = self.request(reqwest::Method::GET, path, query)?;
+        let value = serde_json::from_str(&body).map_err(|e| {
             Failure(format!(
                 "admin API at {}: the answer to {path} does not decode ({e}); is this a \
                  flux-outbox worker of the same version?",
                 self.base
             ))
-        })
+        })?;
+        Ok((value, unreadable))
     }
 }

@@ -1,0 +1,194 @@
+//! The physical limits the worker is measured against, in the same run: raw sled group commit
+//! on the same disk, and flux-sim's own capacity for pre-built batches.
+
+use std::fs::File;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::body::Bytes;
+use flux_outbox::flux_client::FluxEvent;
+use flux_outbox::record::{self, LogRecord};
+use serde_json::{Map, Value};
+
+use crate::harness::{key_names, now_ms, start_sim, Res, TAGS};
+
+/// What the worker stores for one ingested single-property update: the write-ahead log record,
+/// encoded exactly as `Store::ingest` encodes it (envelope + bincode).
+pub fn log_record_bytes(key: u64, value: &Value, ts_ms: u64) -> Vec<u8> {
+    let (entity, prop) = key_names(key);
+    let rec = LogRecord {
+        entity,
+        delete: false,
+        props: vec![(prop, serde_json::to_vec(value).unwrap_or_default())],
+        ts_ms,
+        stream: None,
+        source: None,
+        arrived_ms: now_ms(),
+    };
+    record::encode(&rec)
+}
+
+/// Raw sled group commit: `apply_batch` of `batch` log records (keys `L` + seq, as the worker's)
+/// plus the `next_seq` meta record, `flush()`, fdatasync of the `db` file; repeated until
+/// `updates_max` records or `time_max`. The sled options are the worker's (16 MiB cache,
+/// low-space mode). Returns (records written, elapsed).
+pub fn raw_sled(
+    dir: &Path,
+    values: &[Vec<u8>],
+    batch: usize,
+    updates_max: u64,
+    time_max: Duration,
+) -> Res<(u64, Duration)> {
+    if values.is_empty() {
+        return Err("raw limit: no records".into());
+    }
+    let path = dir.join("store");
+    let db = sled::Config::new()
+        .path(&path)
+        .cache_capacity(16 * 1024 * 1024)
+        .flush_every_ms(Some(500))
+        .mode(sled::Mode::LowSpace)
+        .open()
+        .map_err(|e| format!("raw limit: cannot open sled in {}: {e}", path.display()))?;
+    db.flush()
+        .map_err(|e| format!("raw limit: first flush: {e}"))?;
+    let db_file = File::open(path.join("db"))
+        .map_err(|e| format!("raw limit: cannot open the sled db file: {e}"))?;
+    let mut seq: u64 = 1;
+    let start = Instant::now();
+    let mut written = 0u64;
+    while written < updates_max && start.elapsed() < time_max {
+        let mut b = sled::Batch::default();
+        for _ in 0..batch {
+            let mut k = Vec::with_capacity(9);
+            k.push(b'L');
+            k.extend_from_slice(&seq.to_be_bytes());
+            b.insert(k, values[(seq as usize) % values.len()].clone());
+            seq += 1;
+        }
+        b.insert(b"Mnext_seq".to_vec(), seq.to_be_bytes().to_vec());
+        db.apply_batch(b)
+            .map_err(|e| format!("raw limit: apply_batch: {e}"))?;
+        db.flush().map_err(|e| format!("raw limit: flush: {e}"))?;
+        db_file
+            .sync_data()
+            .map_err(|e| format!("raw limit: fdatasync: {e}"))?;
+        written += batch as u64;
+    }
+    Ok((written, start.elapsed()))
+}
+
+/// The worker's event for entity number `e` carrying all of its `TAGS.len()` properties, shaped
+/// as the flusher builds it (stream, source `outbox-<gateway_id>`, eventId `fo-...`).
+pub fn flux_event(e: u64, ts_ms: u64) -> FluxEvent {
+    let mut props = Map::new();
+    let mut entity = String::new();
+    for t in 0..TAGS.len() as u64 {
+        let k = e * TAGS.len() as u64 + t;
+        let (ent, prop) = key_names(k);
+        entity = ent;
+        props.insert(prop, crate::harness::value_of(k));
+    }
+    FluxEvent {
+        stream: "scada".into(),
+        source: "outbox-bench".into(),
+        timestamp_ms: ts_ms,
+        event_id: Some(format!(
+            "fo-{:016x}-{}-{}",
+            e.wrapping_mul(0x9e37_79b9),
+            e,
+            e + 4
+        )),
+        entity_id: entity,
+        properties: props,
+    }
+}
+
+/// flux-sim's own capacity: a fresh sim, batches of `batch_events` events (one entity with all
+/// its properties each, `events_total` distinct entities at most) pre-serialized, posted by
+/// `concurrency` connections at once, cycling over the batches until at least `events_total`
+/// events and `time_min` (at most `time_max`); the answers are parsed and checked.
+/// Returns (events applied, elapsed).
+pub async fn sim_capacity(
+    batch_events: usize,
+    concurrency: usize,
+    events_total: u64,
+    time_min: Duration,
+    time_max: Duration,
+) -> Res<(u64, Duration)> {
+    let sim = start_sim(0, false).await?;
+    let ts = now_ms();
+    // At most 100 distinct batches are kept (memory); later ones repeat them (same entities).
+    let batches = events_total.div_ceil(batch_events as u64).clamp(1, 100);
+    let need = events_total.div_ceil(batch_events as u64).max(1);
+    let mut bodies = Vec::with_capacity(batches as usize);
+    for b in 0..batches {
+        let events: Vec<FluxEvent> = (b * batch_events as u64..(b + 1) * batch_events as u64)
+            .map(|e| flux_event(e, ts))
+            .collect();
+        let body = serde_json::to_vec(&serde_json::json!({ "events": events }))
+            .map_err(|e| format!("cannot build a batch: {e}"))?;
+        bodies.push(Bytes::from(body));
+    }
+    let bodies = Arc::new(bodies);
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .tcp_nodelay(true)
+        .build()
+        .map_err(|e| format!("http client: {e}"))?;
+    let url = format!("{}/api/events/batch", sim.url());
+    let next = Arc::new(AtomicU64::new(0));
+    let start = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..concurrency.max(1) {
+        let (http, url, next, bodies) = (http.clone(), url.clone(), next.clone(), bodies.clone());
+        tasks.spawn(async move {
+            let mut ok = 0u64;
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                let t = start.elapsed();
+                if (i >= need && t >= time_min) || t >= time_max {
+                    return Ok::<u64, String>(ok);
+                }
+                let r = http
+                    .post(&url)
+                    .header("content-type", "application/json")
+                    .body(bodies[(i % bodies.len() as u64) as usize].clone())
+                    .send()
+                    .await
+                    .map_err(|e| format!("sim capacity: request failed: {e}"))?;
+                let status = r.status();
+                let b = r
+                    .bytes()
+                    .await
+                    .map_err(|e| format!("sim capacity: answer failed: {e}"))?;
+                if !status.is_success() {
+                    return Err(format!("sim capacity: flux-sim answered {status}"));
+                }
+                let v: Value = serde_json::from_slice(&b)
+                    .map_err(|e| format!("sim capacity: answer is not JSON: {e}"))?;
+                ok += v["successful"].as_u64().unwrap_or(0);
+            }
+        });
+    }
+    let mut applied = 0;
+    while let Some(r) = tasks.join_next().await {
+        match r {
+            Ok(Ok(n)) => applied += n,
+            Ok(Err(e)) => return Err(e),
+            Err(e) => return Err(format!("sim capacity task failed: {e}")),
+        }
+    }
+    let elapsed = start.elapsed();
+    let stats = sim.stats();
+    if stats.events_applied != applied {
+        return Err(format!(
+            "sim capacity: {applied} events answered as applied but the sim counted {}",
+            stats.events_applied
+        ));
+    }
+    sim.shutdown().await;
+    Ok((applied, elapsed))
+}

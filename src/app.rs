@@ -200,6 +200,24 @@ pub async fn run(
         }
     };
     let metrics = Arc::new(Metrics::new(client.is_none()));
+    if let Some((first, last)) = report.lost_seqs {
+        let lost = last - first + 1;
+        metrics.store_lost_updates.store(lost, Ordering::Relaxed);
+        // A note an operator finds in the data directory even without the logs.
+        let note = cfg
+            .data_dir
+            .join(format!("LOST-UPDATES-{}.txt", crate::model::now_ms()));
+        let text = format!(
+            "flux-outbox found its store holding fewer updates than it had acknowledged:\n\
+             sequence numbers {first} to {last} ({lost} updates) are gone. This happens when the\n\
+             store's files were damaged (sled drops the rest of its log at the first bad\n\
+             checksum) or, with durability = \"flush\", after a power loss. They cannot be\n\
+             recovered from this store; if a copy or a backup exists, export it with outbox-dump.\n"
+        );
+        if let Err(e) = std::fs::write(&note, text) {
+            tracing::error!(error = %e, note = %note.display(), "cannot write the lost-updates note");
+        }
+    }
     let state = Arc::new(AppState {
         store: store.clone(),
         metrics: metrics.clone(),

@@ -8,6 +8,8 @@ pub mod config;
 pub mod demo;
 pub mod flusher;
 pub mod flux_client;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod heartbeat;
 pub mod ingest;
 pub mod ingest_parse;

@@ -74,6 +74,9 @@ pub struct Metrics {
     pub oxscada_ws: crate::source_ws::WsStatus,
     /// When this worker started (epoch ms): restarts show as changes of the gauge.
     started_ms: AtomicU64,
+    /// Acknowledged updates found missing from the store when it was opened (damage to
+    /// sled's own files, see `store::ACKED_SEQ_FILE`); stays until the next start.
+    pub store_lost_updates: AtomicU64,
 }
 
 impl Metrics {
@@ -129,6 +132,13 @@ impl Metrics {
                 "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {v}"
             );
         };
+        g(
+            out,
+            "flux_outbox_store_lost_updates",
+            "Acknowledged updates missing from the store when it was opened (damaged store files); not 0 needs an operator.",
+            "gauge",
+            self.store_lost_updates.load(Ordering::Relaxed),
+        );
         g(
             out,
             "flux_outbox_ingest_requests_total",

@@ -142,6 +142,36 @@ pub struct OpenReport {
     pub moved_aside_to: Option<PathBuf>,
     pub salvaged_records: u64,
     pub open_error: Option<String>,
+    /// Acknowledged updates the store no longer holds: sequence numbers from the first to the
+    /// last missing (see [`ACKED_SEQ_FILE`]). Damage to sled's own files makes sled drop
+    /// everything after it; this is how that loss is noticed, since sled reports none.
+    pub lost_seqs: Option<(u64, u64)>,
+}
+
+/// File beside the store (in the data directory) holding the last acknowledged sequence
+/// number: 8 bytes BE + CRC32 LE, rewritten in place after every successful group commit (no
+/// extra sync: it is written after the commit's own sync, so it never runs ahead of what is
+/// durable in `fsync` mode). A store that opens with a lower sequence lost acknowledged data.
+pub const ACKED_SEQ_FILE: &str = "acked.seq";
+
+fn read_acked_seq(data_dir: &Path) -> Option<u64> {
+    let b = std::fs::read(data_dir.join(ACKED_SEQ_FILE)).ok()?;
+    if b.is_empty() {
+        return None; // created, nothing acknowledged yet
+    }
+    if b.len() != 12 || crc32fast::hash(&b[..8]).to_le_bytes() != b[8..12] {
+        tracing::warn!("{ACKED_SEQ_FILE} is damaged; the loss check is skipped this time");
+        return None;
+    }
+    u64_of(&b[..8])
+}
+
+fn acked_seq_bytes(seq: u64) -> [u8; 12] {
+    let mut b = [0u8; 12];
+    b[..8].copy_from_slice(&seq.to_be_bytes());
+    let crc = crc32fast::hash(&b[..8]).to_le_bytes();
+    b[8..].copy_from_slice(&crc);
+    b
 }
 
 /// The result of a successful ingest.
@@ -314,6 +344,8 @@ struct Inner {
     ingest_tx: Mutex<Option<mpsc::Sender<IngestReq>>>,
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
     next_seq: AtomicU64,
+    /// [`ACKED_SEQ_FILE`], kept open; written after each successful commit.
+    acked_seq_file: Mutex<Option<File>>,
     /// Keys written to the log and not compacted yet: counted against the key limit so a burst
     /// of new keys cannot overshoot it by more than what is in flight.
     log_keys: AtomicU64,
@@ -723,7 +755,29 @@ impl Store {
             .next_back()
             .and_then(|k| k.ok())
             .and_then(|k| u64_of(&k[1..]));
-        let next_seq = stored_next.max(last_log.map(|s| s + 1).unwrap_or(1)).max(1);
+        let mut next_seq = stored_next.max(last_log.map(|s| s + 1).unwrap_or(1)).max(1);
+        let mut report = report;
+        if let Some(acked) = read_acked_seq(data_dir) {
+            if acked >= next_seq {
+                report.lost_seqs = Some((next_seq, acked));
+                tracing::error!(
+                    first_lost_seq = next_seq,
+                    last_lost_seq = acked,
+                    lost = acked - next_seq + 1,
+                    durability = ?opts.durability,
+                    "THE STORE LOST ACKNOWLEDGED UPDATES: it holds fewer than were acknowledged (sled drops the rest of its log after damage to its files; in `flush` durability a power loss can do it too). They cannot be recovered from this store."
+                );
+                // Sequence numbers stay unique across the loss.
+                next_seq = acked + 1;
+            }
+        }
+        let acked_seq_file = std::fs::OpenOptions::new()
+            .create(true)
+            .write(true)
+            .truncate(false)
+            .open(data_dir.join(ACKED_SEQ_FILE))
+            .map_err(|e| tracing::warn!(error = %e, "cannot open {ACKED_SEQ_FILE}; the loss check is off"))
+            .ok();
         // Keys (not records) in the uncompacted tail, the unit ingest and compaction count in:
         // counting records here under-counted multi-property updates after every restart and
         // let a burst of new keys overshoot `pending_keys_max`. Bounded by the log tail only.
@@ -754,6 +808,7 @@ impl Store {
             ingest_tx: Mutex::new(None),
             writer: Mutex::new(None),
             next_seq: AtomicU64::new(next_seq),
+            acked_seq_file: Mutex::new(acked_seq_file),
             log_keys: AtomicU64::new(log_keys),
             ingested_bytes: AtomicU64::new(0),
             disk_bytes: AtomicU64::new(0),
@@ -1053,6 +1108,10 @@ impl Store {
         match result {
             Ok(()) => {
                 self.inner.next_seq.store(seq, Ordering::SeqCst);
+                if let Some(f) = lock(&self.inner.acked_seq_file).as_ref() {
+                    use std::os::unix::fs::FileExt;
+                    let _ = f.write_all_at(&acked_seq_bytes(seq - 1), 0);
+                }
                 self.inner
                     .ingested_bytes
                     .fetch_add(added_bytes, Ordering::Relaxed);

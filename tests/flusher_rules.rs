@@ -947,3 +947,70 @@ async fn pending_events_reaching_batch_events_max_trigger_a_flush() {
     );
     assert_eq!(batches[0].1.len(), 3);
 }
+
+/// Measurement behind the read strategy of read-merge-write (see `flusher` module doc and
+/// ARCHITECTURE.md): one `?prefix=` list versus one read per entity (concurrency 8, the
+/// default `read_concurrency`) for a batch of 200 entities under one prefix, as the prefix
+/// holds more and more entities. Asserts that both strategies see the same state (so the
+/// comparison is fair) and prints the timings; it decides nothing on the clock.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn measurement_prefix_list_versus_single_reads() {
+    use futures_util::stream::{self, StreamExt};
+    let sim = start_sim(SimConfig {
+        log_capacity: 0,
+        ..SimConfig::default()
+    })
+    .await;
+    let c = client(&sim.url(), None, Duration::from_secs(30));
+    let http = reqwest::Client::new();
+    let mut populated = 0usize;
+    for population in [200usize, 2_000, 20_000] {
+        while populated < population {
+            let events: Vec<Value> = (populated..(populated + 1000).min(population))
+                .map(|i| {
+                    json!({"stream": "scada", "source": "m", "timestamp": 1,
+                        "payload": {"entity_id": format!("site-1/e{i:06}"),
+                            "properties": {"a": i, "b": "some text value", "c": {"x": 1.5}}}})
+                })
+                .collect();
+            populated += events.len();
+            let r = http
+                .post(format!("{}/api/events/batch", sim.url()))
+                .header("content-type", "application/json")
+                .body(json!({ "events": events }).to_string())
+                .send()
+                .await
+                .expect("populate");
+            assert_eq!(r.status(), 200);
+        }
+        let batch: Vec<String> = (0..200).map(|i| format!("site-1/e{i:06}")).collect();
+        let mut single_ms = Vec::new();
+        let mut list_ms = Vec::new();
+        for _ in 0..3 {
+            let t0 = Instant::now();
+            let singles: Vec<_> = stream::iter(batch.iter().map(|id| c.get_entity(id)))
+                .buffer_unordered(8)
+                .collect()
+                .await;
+            single_ms.push(t0.elapsed().as_secs_f64() * 1000.0);
+            let t0 = Instant::now();
+            let listed = c.list_prefix("site-1/").await.expect("list");
+            list_ms.push(t0.elapsed().as_secs_f64() * 1000.0);
+            assert_eq!(listed.len(), population);
+            let found = singles
+                .into_iter()
+                .filter(|r| matches!(r, Ok(Some(_))))
+                .count();
+            assert_eq!(found, 200);
+        }
+        let med = |v: &mut Vec<f64>| {
+            v.sort_by(f64::total_cmp);
+            v[v.len() / 2]
+        };
+        eprintln!(
+            "read strategy: batch 200, prefix holds {population}: 200 single reads {:.1} ms, one prefix list {:.1} ms",
+            med(&mut single_ms),
+            med(&mut list_ms)
+        );
+    }
+}

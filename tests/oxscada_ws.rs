@@ -323,11 +323,12 @@ async fn run_scenario(preset: Preset) {
     assert!(running.metrics.oxscada_ws.bad_count("invalid_json") > 0);
 
     let _ = stop.send(());
-    tokio::time::timeout(Duration::from_secs(20), task)
+    let exit = tokio::time::timeout(Duration::from_secs(20), task)
         .await
         .expect("worker stops in time")
         .unwrap()
         .unwrap();
+    assert_eq!(exit, app::Exit::Stopped);
     server.abort();
     flux.shutdown().await;
 }
@@ -430,11 +431,12 @@ async fn wrong_key_is_refused_and_reported() {
     let err = ready["last_error"].as_str().unwrap_or_default().to_string();
     assert!(err.contains("401"), "{err}");
     let _ = stop.send(());
-    tokio::time::timeout(Duration::from_secs(20), task)
+    let exit = tokio::time::timeout(Duration::from_secs(20), task)
         .await
         .unwrap()
         .unwrap()
         .unwrap();
+    assert_eq!(exit, app::Exit::Stopped);
     server.abort();
 }
 
@@ -495,11 +497,12 @@ async fn oversized_message_ends_the_connection_not_the_source() {
         "the stream goes on"
     );
     let _ = stop.send(());
-    tokio::time::timeout(Duration::from_secs(20), task)
+    let exit = tokio::time::timeout(Duration::from_secs(20), task)
         .await
         .unwrap()
         .unwrap()
         .unwrap();
+    assert_eq!(exit, app::Exit::Stopped);
     server.abort();
 }
 
@@ -630,11 +633,12 @@ async fn subscribe_filter_reaches_the_server_and_is_honoured() {
         "an unsubscribed tag reached Flux: {state:?}"
     );
     let _ = stop.send(());
-    tokio::time::timeout(Duration::from_secs(20), task)
+    let exit = tokio::time::timeout(Duration::from_secs(20), task)
         .await
         .unwrap()
         .unwrap()
         .unwrap();
+    assert_eq!(exit, app::Exit::Stopped);
     server.abort();
     flux.shutdown().await;
 }
@@ -691,10 +695,11 @@ async fn silent_server_is_dropped_after_idle_timeout_and_reconnected() {
     assert!(conns.load(Ordering::SeqCst) >= 3, "and reopened");
     assert!(status.updates_ingested.load(Ordering::Relaxed) >= 2);
     let _ = stop.send(());
-    tokio::time::timeout(Duration::from_secs(20), task)
+    let exit = tokio::time::timeout(Duration::from_secs(20), task)
         .await
         .unwrap()
         .unwrap()
         .unwrap();
+    assert_eq!(exit, app::Exit::Stopped);
     server.abort();
 }

@@ -263,11 +263,12 @@ async fn pending_values_show_during_an_outage_and_merge_after() {
     assert!(a.raw.is_empty());
 
     let _ = stop.send(());
-    tokio::time::timeout(Duration::from_secs(20), task)
+    let exit = tokio::time::timeout(Duration::from_secs(20), task)
         .await
         .unwrap()
         .unwrap()
         .unwrap();
+    assert_eq!(exit, app::Exit::Stopped);
     flux.shutdown().await;
 }
 
@@ -322,11 +323,12 @@ async fn offline_mode_answers_from_the_outbox() {
     assert_eq!((a.status, a.flux.as_str()), (200, "offline"));
     assert_eq!(a.body.as_array().unwrap().len(), 1);
     let _ = stop.send(());
-    tokio::time::timeout(Duration::from_secs(20), task)
+    let exit = tokio::time::timeout(Duration::from_secs(20), task)
         .await
         .unwrap()
         .unwrap()
         .unwrap();
+    assert_eq!(exit, app::Exit::Stopped);
 }
 
 #[test]
@@ -390,11 +392,12 @@ async fn stop_worker(
     task: tokio::task::JoinHandle<Result<app::Exit, app::StartError>>,
 ) {
     let _ = stop.send(());
-    tokio::time::timeout(Duration::from_secs(20), task)
+    let exit = tokio::time::timeout(Duration::from_secs(20), task)
         .await
         .unwrap()
         .unwrap()
         .unwrap();
+    assert_eq!(exit, app::Exit::Stopped);
 }
 
 /// `read_through.require_token`: reads answer 401 without the ingest token (or with a wrong

@@ -528,6 +528,7 @@ pub async fn recovery(cx: &Ctx) -> Res<Report> {
     if let Some(b) = proc_status_bytes(w.pid()?, "VmHWM:") {
         peak.fetch_max(b, Ordering::Relaxed);
     }
+    let peak_before_kill = peak.load(Ordering::Relaxed);
     cx.progress("recovery: kill -9, restart");
     w.kill9()?;
     let t0 = Instant::now();
@@ -535,6 +536,7 @@ pub async fn recovery(cx: &Ctx) -> Res<Report> {
     pid.store(w.pid()?, Ordering::Relaxed);
     let url = format!("{}/v1/updates", w.ingest);
     let ready_ms;
+    let rss_at_ready;
     loop {
         if t0.elapsed() > Duration::from_secs(300) {
             return Err(format!(
@@ -557,6 +559,7 @@ pub async fn recovery(cx: &Ctx) -> Res<Report> {
             .unwrap_or(false);
         if ok {
             ready_ms = t0.elapsed().as_secs_f64() * 1000.0;
+            rss_at_ready = proc_status_bytes(w.pid()?, "VmHWM:").unwrap_or(0);
             break;
         }
         tokio::time::sleep(Duration::from_millis(5)).await;
@@ -610,6 +613,18 @@ pub async fn recovery(cx: &Ctx) -> Res<Report> {
         "MiB after the drain (and rotation); target <= 10",
     );
     r.u("keys", keys, "pending at the kill");
+    r.f(
+        "rss_peak_before_kill_mb",
+        mib(peak_before_kill),
+        1,
+        "MiB, load + compaction",
+    );
+    r.f(
+        "rss_peak_at_ready_mb",
+        mib(rss_at_ready),
+        1,
+        "MiB, restarted worker's peak when ingest was accepted",
+    );
     r.f("load_s", load_s, 1, "ingest + compaction of the backlog");
     r.f(
         "rotation_wait_s",

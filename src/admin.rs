@@ -358,8 +358,12 @@ async fn log(
         return r;
     }
     let st = state.clone();
-    match blocking(move || st.store.log_rows(limit_of(q.limit))).await {
-        Ok(rows) => Json(rows).into_response(),
+    match blocking(move || st.store.log_listing(limit_of(q.limit))).await {
+        Ok(listing) => (
+            [(UNREADABLE_HEADER, listing.unreadable.to_string())],
+            Json::<Vec<crate::store::LogRow>>(listing.rows),
+        )
+            .into_response(),
         Err(r) => r,
     }
 }
@@ -421,10 +425,31 @@ async fn export(
         return r;
     }
     let st = state.clone();
-    match blocking(move || export_ndjson(&st.store, q.quarantine)).await {
-        Ok(body) => ([(header::CONTENT_TYPE, "application/x-ndjson")], body).into_response(),
+    match blocking(move || export_counted(&st.store, q.quarantine)).await {
+        Ok((body, unreadable)) => (
+            [
+                (header::CONTENT_TYPE, "application/x-ndjson".to_string()),
+                (
+                    header::HeaderName::from_static(UNREADABLE_HEADER),
+                    unreadable.to_string(),
+                ),
+            ],
+            body,
+        )
+            .into_response(),
         Err(r) => r,
     }
+}
+
+/// [`export_ndjson`] with the count of records that could not be read (and are not in it).
+fn export_counted(store: &Store, quarantine: bool) -> Result<(String, u64), StoreError> {
+    store.compact_all()?;
+    let listing = if quarantine {
+        store.quarantine_listing(None, None, usize::MAX)?
+    } else {
+        store.pending_listing(None, None, usize::MAX)?
+    };
+    Ok((rows_to_ndjson(&listing.rows), listing.unreadable))
 }
 
 /// The pending newest values (or the quarantine) as NDJSON in the native ingest format, one

@@ -818,7 +818,7 @@ impl FluxClient {
         if !matches!(parsed.scheme(), "http" | "https") {
             return Err(bad("scheme must be http or https"));
         }
-        if parsed.host_str().map_or(true, str::is_empty) {
+        if parsed.host_str().is_none_or(str::is_empty) {
             return Err(bad("no host"));
         }
         if parsed.query().is_some() || parsed.fragment().is_some() {

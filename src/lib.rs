@@ -3,6 +3,7 @@
 
 pub mod admin;
 pub mod app;
+pub mod child;
 pub mod compactor;
 pub mod config;
 pub mod demo;

@@ -35,6 +35,38 @@
 //! `keyenc(e, p)` = entity length (u32 BE) + entity bytes + property bytes: unambiguous for any
 //! strings, and all keys of one entity share the prefix `len + entity`.
 //! An entity delete is the pending key `(entity, "__deleted__")` with the value `true`.
+//!
+//! # Limits (`admit`)
+//! When accepting a request would take pending + uncompacted keys above `pending_keys_max`, or
+//! the store is at `disk_bytes_max` (measured at open and refreshed periodically), a request is
+//! accepted only if every key it sets is already held: pending, quarantined, in the uncompacted
+//! log (a full store folds the log first to see it), or set by a request earlier in the same
+//! commit group. Deletes are always accepted. Otherwise `StoreError::Full` (HTTP 507); nothing
+//! already accepted is ever dropped to make room.
+//!
+//! # Space: what a drained store keeps (decided, measured)
+//! `shrink_if_drained` rotates a drained store to a fresh one holding only `M`, `D`, `T`, `Q`
+//! and `X`. `D` and `T` are NOT dropped at rotation, nor after any horizon (only a delivered
+//! delete replaces an entity's older `D` records by its `T` record): a late update older than the
+//! delivered value (or the entity's delete) is recognised only by them, and conflict detection
+//! needs the delivered hash; dropping them after a horizon would let a long-offline producer
+//! roll Flux back. Their cost is bounded by the distinct keys ever delivered (the gateway's tag
+//! set), not by traffic: measured 1,000,000 delivered keys (entity ids of 32 bytes, property
+//! names of 26) = 258 MB after rotation, about 260 bytes per key
+//! (so about 3 MB for 10,000 keys, by that rate).
+//!
+//! # Recovery when sled cannot open the store (what is salvaged, exactly)
+//! The directory is renamed to `store.corrupt-<epoch ms>` and a fresh store is created. Salvage
+//! then opens the moved-aside store as it is, or else a scratch copy of it without sled's `conf`
+//! file (a damaged `conf` alone makes sled refuse intact data). If one of them opens, every
+//! record sled can iterate is copied raw into the fresh store, in key order, up to the first read
+//! error, and `OpenReport::salvaged_records` counts them. If neither opens (damage in the `db`
+//! file itself that sled refuses), nothing is salvaged: the count is 0, the fresh store starts
+//! empty, and the moved-aside directory is kept untouched for the operator (never deleted
+//! automatically). A store whose format version is NEWER than this build's is never moved aside
+//! or salvaged: `open` fails with `StoreError::NewerFormat` and the worker exits (systemd's start
+//! limit ends the restarts). This is deliberate: data of a format this build does not know is
+//! never touched.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::File;
@@ -1713,6 +1745,11 @@ impl Store {
     /// The uncompacted tail of the log.
     pub fn log_rows(&self, limit: usize) -> Result<Vec<LogRow>, StoreError> {
         tree_log_rows(&self.db(), limit)
+    }
+
+    /// [`Store::log_rows`] with the count of records that could not be read.
+    pub fn log_listing(&self, limit: usize) -> Result<Listing<LogRow>, StoreError> {
+        tree_log_listing(&self.db(), limit)
     }
 
     /// Checks every record and the engine's invariants. Read-only.

@@ -273,7 +273,7 @@ async fn every_fault_then_healed_converges_to_newest() {
         let flux = sim.entities();
         let mut problems = Vec::new();
         let mut rejected_newest = HashSet::new();
-        for ((e, p), _) in &quarantine {
+        for (e, p) in quarantine.keys() {
             if let Some((_, order)) = oracle.newest_set(e, p) {
                 // Values are unique per update: compare by value.
                 let q_value = rig

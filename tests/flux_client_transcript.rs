@@ -804,3 +804,99 @@ async fn answers_that_are_not_flux_json_are_unknown() {
     let out = client.post_single(&event("scada/a", json!({"a": 1}))).await;
     assert!(matches!(out, BatchOutcome::Unknown { .. }), "{out:?}");
 }
+
+// -------------------------------------------------------------------------------------------
+// https with an extra CA file: a TLS terminator (tokio-rustls) in front of flux-sim, with a
+// server certificate for 127.0.0.1 signed by a test CA (tests/data/tls; 100-year validity, the
+// CA's private key was discarded after signing).
+
+async fn tls_front_of_sim() -> (String, flux_outbox::sim::SimHandle) {
+    use tokio_rustls::rustls;
+    use tokio_rustls::rustls::pki_types::pem::PemObject;
+    use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let data = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/tls");
+    let certs: Vec<CertificateDer<'static>> =
+        CertificateDer::pem_file_iter(data.join("server.pem"))
+            .expect("server.pem")
+            .collect::<Result<_, _>>()
+            .expect("certs");
+    let key = PrivateKeyDer::from_pem_file(data.join("server.key")).expect("server.key");
+    let cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .expect("protocols")
+    .with_no_client_auth()
+    .with_single_cert(certs, key)
+    .expect("server config");
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(cfg));
+    let sim_listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let sim = flux_outbox::sim::start(flux_outbox::sim::SimConfig::default(), sim_listener)
+        .await
+        .expect("sim");
+    let sim_addr = sim.addr();
+    let front = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("https://{}", front.local_addr().unwrap());
+    tokio::spawn(async move {
+        while let Ok((tcp, _)) = front.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(mut tls) = acceptor.accept(tcp).await else {
+                    return; // a client that does not trust us aborts the handshake
+                };
+                let Ok(mut up) = tokio::net::TcpStream::connect(sim_addr).await else {
+                    return;
+                };
+                let _ = tokio::io::copy_bidirectional(&mut tls, &mut up).await;
+            });
+        }
+    });
+    (url, sim)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_with_an_extra_ca_file_writes_and_reads_and_without_it_is_refused() {
+    let (url, sim) = tls_front_of_sim().await;
+    let ca = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/tls/ca.pem");
+    let client = FluxClient::new(ClientConfig {
+        ca_file: Some(ca),
+        ..config(&url)
+    })
+    .expect("client with CA file");
+    let mut props = serde_json::Map::new();
+    props.insert("v".into(), json!(42));
+    let ev = FluxEvent {
+        stream: "scada".into(),
+        source: "tls-test".into(),
+        timestamp_ms: 1,
+        entity_id: "site/tls-1".into(),
+        properties: props,
+        event_id: Some("fo-tls".into()),
+    };
+    match client.post_batch(std::slice::from_ref(&ev)).await {
+        BatchOutcome::PerEvent(r) => {
+            assert!(matches!(r[..], [EventOutcome::Applied { .. }]), "{r:?}")
+        }
+        other => panic!("batch over https: {other:?}"),
+    }
+    let state = client
+        .get_entity("site/tls-1")
+        .await
+        .expect("read over https")
+        .expect("entity");
+    assert_eq!(state.properties["v"], json!(42));
+    assert_eq!(
+        sim.entity("site/tls-1").expect("in sim").properties["v"],
+        json!(42)
+    );
+
+    // Control: the same server without the extra CA is not trusted (system roots only): a
+    // transport error, an unknown outcome, nothing applied.
+    let untrusting = FluxClient::new(config(&url)).expect("client");
+    let r = untrusting.get_entity("site/tls-1").await;
+    assert!(matches!(r, Err(ReadError::Transport { .. })), "{r:?}");
+    let before = sim.stats().events_applied;
+    let out = untrusting.post_batch(std::slice::from_ref(&ev)).await;
+    assert!(out.is_unknown(), "{out:?}");
+    assert_eq!(sim.stats().events_applied, before);
+}

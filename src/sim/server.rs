@@ -790,11 +790,11 @@ async fn list_entities(State(s): State<Arc<Shared>>, Query(q): Query<ListQuery>)
         let w = lock(&s.world);
         w.entities
             .values()
-            .filter(|e| q.prefix.as_deref().map_or(true, |p| e.id.starts_with(p)))
+            .filter(|e| q.prefix.as_deref().is_none_or(|p| e.id.starts_with(p)))
             .filter(|e| {
-                q.namespace.as_deref().map_or(true, |n| {
-                    e.id.split_once('/').is_some_and(|(ns, _)| ns == n)
-                })
+                q.namespace
+                    .as_deref()
+                    .is_none_or(|n| e.id.split_once('/').is_some_and(|(ns, _)| ns == n))
             })
             .cloned()
             .collect()

@@ -529,3 +529,15 @@ pub fn flux_event(entity: &str, properties: Value) -> Value {
         "payload": {"entity_id": entity, "properties": properties},
     })
 }
+
+/// Resident memory of a process in KiB (`VmRSS` of /proc), 0 when it cannot be read.
+pub fn rss_kib(pid: i32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1)?.parse().ok())
+        })
+        .unwrap_or(0)
+}

@@ -92,7 +92,6 @@ async fn run(a: Args) -> Result<(), Box<dyn std::error::Error>> {
         late_apply_rate: a.late_apply_rate,
         late_apply_delay_ms: a.late_apply_delay_ms,
         link_down: a.link_down,
-        ..Faults::default()
     };
     faults.check()?;
     let cfg = SimConfig {

@@ -1,15 +1,14 @@
 //! What every scenario needs: the worker child (config, start, kill, /proc figures), flux-sim
 //! in this process, a byte-counting TCP proxy, the update generator and bounded waits.
 
-use std::io::{Read as _, Seek as _, SeekFrom};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::body::Bytes;
+use flux_outbox::child::WorkerChild;
 use flux_outbox::sim::{self, Faults, SimConfig, SimHandle};
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -172,13 +171,10 @@ pub struct WorkerSpec {
 }
 
 pub struct Worker {
-    exe: PathBuf,
-    config: PathBuf,
-    log: PathBuf,
+    proc: WorkerChild,
     pub data_dir: PathBuf,
     pub ingest: String,
     pub admin: String,
-    child: Option<Child>,
 }
 
 fn free_port() -> Res<u16> {
@@ -218,14 +214,12 @@ impl Worker {
         let config = dir.join("flux-outbox.toml");
         std::fs::write(&config, toml)
             .map_err(|e| format!("cannot write {}: {e}", config.display()))?;
+        let admin = format!("http://127.0.0.1:{admin_port}");
         let mut w = Worker {
-            exe: exe.to_path_buf(),
-            config,
-            log: dir.join("worker.log"),
+            proc: WorkerChild::new(exe, &config, &dir.join("worker.log"), admin.clone(), "warn"),
             data_dir,
             ingest: format!("http://127.0.0.1:{ingest_port}"),
-            admin: format!("http://127.0.0.1:{admin_port}"),
-            child: None,
+            admin,
         };
         w.spawn()?;
         w.wait_ready(http, Duration::from_secs(60)).await?;
@@ -234,114 +228,44 @@ impl Worker {
 
     /// Starts the process (again) with the same config; does not wait.
     pub fn spawn(&mut self) -> Res<()> {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)
-            .map_err(|e| format!("cannot open {}: {e}", self.log.display()))?;
-        let child = Command::new(&self.exe)
-            .arg("run")
-            .arg("--config")
-            .arg(&self.config)
-            .env("RUST_LOG", "warn")
-            .env_remove("FLUX_URL")
-            .env_remove("FLUX_AUTH_TOKEN")
-            .env_remove("FLUX_OUTBOX_DATA_DIR")
-            .env_remove("FLUX_PUBLISH_INTERVAL_MS")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::from(log))
-            .spawn()
-            .map_err(|e| format!("cannot start the worker {}: {e}", self.exe.display()))?;
-        self.child = Some(child);
-        Ok(())
+        self.proc.spawn()
     }
 
     pub fn pid(&self) -> Res<u32> {
-        self.child
-            .as_ref()
-            .map(|c| c.id())
+        self.proc
+            .pid()
             .ok_or_else(|| "the worker is not running".to_string())
     }
 
     /// The last lines of the worker's log, for error messages.
     pub fn log_tail(&self) -> String {
-        let mut text = String::new();
-        if let Ok(mut f) = std::fs::File::open(&self.log) {
-            let len = f.metadata().map(|m| m.len()).unwrap_or(0);
-            let _ = f.seek(SeekFrom::Start(len.saturating_sub(4000)));
-            let _ = f.read_to_string(&mut text);
-        }
-        let lines: Vec<&str> = text.lines().rev().take(15).collect();
-        let tail: Vec<&str> = lines.into_iter().rev().collect();
-        if tail.is_empty() {
-            "(worker log empty)".into()
-        } else {
-            format!("worker log (last lines):\n{}", tail.join("\n"))
-        }
+        self.proc.log_tail()
     }
 
     /// Fails if the process has exited.
     pub fn check_alive(&mut self) -> Res<()> {
-        let status = match self.child.as_mut() {
-            None => return Err("the worker is not running".into()),
-            Some(c) => c
-                .try_wait()
-                .map_err(|e| format!("cannot query the worker: {e}"))?,
-        };
-        match status {
+        if self.proc.pid().is_none() {
+            return Err("the worker is not running".into());
+        }
+        match self.proc.try_wait()? {
             None => Ok(()),
             Some(s) => Err(format!("the worker exited ({s}); {}", self.log_tail())),
         }
     }
 
     pub async fn wait_ready(&mut self, http: &reqwest::Client, limit: Duration) -> Res<()> {
-        let start = Instant::now();
-        while start.elapsed() < limit {
-            self.check_alive()?;
-            if let Ok(r) = http.get(format!("{}/readyz", self.admin)).send().await {
-                if r.status().is_success() {
-                    return Ok(());
-                }
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        Err(format!(
-            "the worker did not become ready within {}s; {}",
-            limit.as_secs(),
-            self.log_tail()
-        ))
+        self.proc.wait_ready(http, limit).await
     }
 
     /// SIGKILL and reap.
     pub fn kill9(&mut self) -> Res<()> {
-        if let Some(mut c) = self.child.take() {
-            c.kill()
-                .map_err(|e| format!("cannot kill the worker: {e}"))?;
-            c.wait()
-                .map_err(|e| format!("cannot reap the worker: {e}"))?;
-        }
+        self.proc.kill9();
         Ok(())
     }
 
     /// SIGTERM, then SIGKILL after `grace`.
-    pub fn stop(&mut self, grace: Duration) {
-        let Some(mut c) = self.child.take() else {
-            return;
-        };
-        // SAFETY: kill(2) on our own child's pid with a valid signal number.
-        unsafe {
-            libc::kill(c.id() as i32, libc::SIGTERM);
-        }
-        let start = Instant::now();
-        while start.elapsed() < grace {
-            if let Ok(Some(_)) = c.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = c.kill();
-        let _ = c.wait();
+    pub async fn stop(&mut self, grace: Duration) {
+        let _ = self.proc.stop(grace).await;
     }
 
     pub async fn summary(&self, http: &reqwest::Client) -> Res<Value> {
@@ -382,15 +306,6 @@ impl Worker {
             "timed out after {}s waiting for {what}; last summary: {last}",
             limit.as_secs()
         ))
-    }
-}
-
-impl Drop for Worker {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
     }
 }
 

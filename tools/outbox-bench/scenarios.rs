@@ -118,7 +118,7 @@ pub async fn ingest(cx: &Ctx) -> Res<Report> {
 
     cx.progress("ingest: single-update ack latency");
     let (lat, errors, achieved) = ack_latency(cx, &w, s.ack_rate, s.ack_time).await?;
-    w.stop(Duration::from_secs(10));
+    w.stop(Duration::from_secs(10)).await;
     sim.shutdown().await;
 
     let mut r = Report::new("ingest");
@@ -274,7 +274,7 @@ pub async fn compaction(cx: &Ctx) -> Res<Report> {
     .await?;
     let deliver_s = t_up.elapsed().as_secs_f64();
     let body_bytes = metric(cx, &w, "flux_outbox_bytes_sent_total").await;
-    w.stop(Duration::from_secs(10));
+    w.stop(Duration::from_secs(10)).await;
 
     let stats = sim.stats();
     let log = sim.applied_log();
@@ -427,7 +427,7 @@ async fn drain_once(cx: &Ctx, blind: bool) -> Res<(u64, f64)> {
         }
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
-    w.stop(Duration::from_secs(10));
+    w.stop(Duration::from_secs(10)).await;
     let events = sim.stats().events_applied;
     let start = first.unwrap_or(t_up);
     sim.shutdown().await;
@@ -588,7 +588,7 @@ pub async fn recovery(cx: &Ctx) -> Res<Report> {
         peak.fetch_max(b, Ordering::Relaxed);
     }
     sampler.abort();
-    w.stop(Duration::from_secs(10));
+    w.stop(Duration::from_secs(10)).await;
     sim.shutdown().await;
 
     let mut r = Report::new("recovery");
@@ -729,7 +729,7 @@ pub async fn steady(cx: &Ctx) -> Res<Report> {
     let sent1 = sent.load(Ordering::Relaxed);
     let delivered1 = sim.stats().events_applied;
     let _ = feeder.await;
-    w.stop(Duration::from_secs(10));
+    w.stop(Duration::from_secs(10)).await;
     sim.shutdown().await;
     ages.sort_by(f64::total_cmp);
     let cpu_pct =

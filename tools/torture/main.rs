@@ -33,12 +33,13 @@
 
 use std::collections::HashMap;
 use std::path::PathBuf;
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::ExitStatus;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use clap::Parser;
+use flux_outbox::child::WorkerChild;
 use flux_outbox::sim::{self, AppliedEvent, Faults, SimConfig, SimHandle};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -179,94 +180,30 @@ struct Shared {
 }
 
 struct WorkerProc {
-    exe: PathBuf,
-    config: PathBuf,
-    log: PathBuf,
+    proc: WorkerChild,
     data_dir: PathBuf,
-    child: Option<Child>,
-    admin: String,
     ingest: String,
 }
 
 impl WorkerProc {
     fn spawn(&mut self) -> Result<(), String> {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)
-            .map_err(|e| format!("cannot open {}: {e}", self.log.display()))?;
-        let child = Command::new(&self.exe)
-            .arg("run")
-            .arg("--config")
-            .arg(&self.config)
-            .env("RUST_LOG", "info")
-            .env_remove("FLUX_URL")
-            .env_remove("FLUX_AUTH_TOKEN")
-            .env_remove("FLUX_OUTBOX_DATA_DIR")
-            .env_remove("FLUX_PUBLISH_INTERVAL_MS")
-            .env_remove("FLUX_ENTITY_PREFIX")
-            .env_remove("FLUX_STREAM")
-            .env_remove("FLUX_SOURCE")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::from(log))
-            .spawn()
-            .map_err(|e| format!("cannot start {}: {e}", self.exe.display()))?;
-        self.child = Some(child);
-        Ok(())
+        self.proc.spawn()
     }
 
-    /// Exited by itself? (Some(status) once, then the child is forgotten.)
     fn try_wait(&mut self) -> Result<Option<ExitStatus>, String> {
-        let Some(c) = self.child.as_mut() else {
-            return Ok(None);
-        };
-        match c.try_wait() {
-            Ok(Some(s)) => {
-                self.child = None;
-                Ok(Some(s))
-            }
-            Ok(None) => Ok(None),
-            Err(e) => Err(format!("cannot wait for the worker: {e}")),
-        }
+        self.proc.try_wait()
     }
 
     fn kill9(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill(); // SIGKILL: no shutdown code runs.
-            let _ = c.wait();
-        }
+        self.proc.kill9();
     }
 
     fn sigterm(&self) {
-        if let Some(c) = &self.child {
-            // SAFETY: kill(2) on our own child's pid with a valid signal number.
-            unsafe {
-                libc::kill(c.id() as i32, libc::SIGTERM);
-            }
-        }
+        self.proc.signal(libc::SIGTERM);
     }
 
     async fn wait_ready(&mut self, http: &reqwest::Client) -> Result<(), String> {
-        let start = Instant::now();
-        while start.elapsed() < READY_TIMEOUT {
-            if let Some(s) = self.try_wait()? {
-                return Err(format!(
-                    "the worker exited by itself before it was ready ({s}); see {}",
-                    self.log.display()
-                ));
-            }
-            if let Ok(r) = http.get(format!("{}/readyz", self.admin)).send().await {
-                if r.status().is_success() {
-                    return Ok(());
-                }
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        Err(format!(
-            "the worker was not ready within {READY_TIMEOUT:?}; see {}",
-            self.log.display()
-        ))
+        self.proc.wait_ready(http, READY_TIMEOUT).await
     }
 
     /// Entries of the data directory other than the live store: a moved-aside store means
@@ -321,21 +258,10 @@ fn main() {
 }
 
 fn worker_exe(args: &Args) -> Result<PathBuf, String> {
-    if let Some(p) = &args.worker {
-        return Ok(p.clone());
+    match &args.worker {
+        Some(p) => Ok(p.clone()),
+        None => WorkerChild::sibling_exe(),
     }
-    let me = std::env::current_exe().map_err(|e| format!("cannot find this executable: {e}"))?;
-    let p = me
-        .parent()
-        .map(|d| d.join("flux-outbox"))
-        .ok_or("this executable has no directory")?;
-    if !p.exists() {
-        return Err(format!(
-            "{} not found; build it (cargo build --bin flux-outbox) or pass --worker",
-            p.display()
-        ));
-    }
-    Ok(p)
 }
 
 /// The kinds of moment a round kills the worker at.
@@ -457,12 +383,14 @@ async fn run(args: Args) -> Result<bool, String> {
         .build()
         .map_err(|e| e.to_string())?;
     let mut worker = WorkerProc {
-        exe,
-        log: dir.path().join("worker.log"),
-        config,
+        proc: WorkerChild::new(
+            &exe,
+            &config,
+            &dir.path().join("worker.log"),
+            format!("http://127.0.0.1:{admin_port}"),
+            "info",
+        ),
         data_dir,
-        child: None,
-        admin: format!("http://127.0.0.1:{admin_port}"),
         ingest: format!("http://127.0.0.1:{ingest_port}"),
     };
 
@@ -487,7 +415,7 @@ async fn run(args: Args) -> Result<bool, String> {
         args.duration
             .map(|d| format!(" (at most {})", humantime::format_duration(d)))
             .unwrap_or_default(),
-        worker.exe.display(),
+        worker.proc.exe.display(),
         dir.path().display()
     );
 
@@ -572,7 +500,7 @@ async fn run(args: Args) -> Result<bool, String> {
     let quarantine = if result.is_ok() {
         get_json(
             &http,
-            &format!("{}/v1/outbox/quarantine?limit=1000000", worker.admin),
+            &format!("{}/v1/outbox/quarantine?limit=1000000", worker.proc.admin),
         )
         .await
         .unwrap_or(Value::Null)
@@ -715,7 +643,7 @@ async fn kill_round(
             shared.burst.fetch_add(1, Ordering::SeqCst);
             let t0 = Instant::now();
             while t0.elapsed() < Duration::from_secs(2) {
-                let s = get_json(http, &format!("{}/v1/outbox/summary", worker.admin)).await;
+                let s = get_json(http, &format!("{}/v1/outbox/summary", worker.proc.admin)).await;
                 if s.and_then(|s| s["log_backlog"].as_u64()).unwrap_or(0) > 0 {
                     break;
                 }
@@ -744,7 +672,7 @@ async fn kill_round(
         if !matches!(kind, KillAt::Shutdown) || !s.success() {
             return Err(format!(
                 "the worker exited by itself ({s}); see {}",
-                worker.log.display()
+                worker.proc.log.display()
             ));
         }
     }
@@ -769,10 +697,10 @@ async fn drain(
         if let Some(s) = worker.try_wait()? {
             return Err(format!(
                 "the worker exited by itself while draining ({s}); see {}",
-                worker.log.display()
+                worker.proc.log.display()
             ));
         }
-        let s = get_json(http, &format!("{}/v1/outbox/summary", worker.admin)).await;
+        let s = get_json(http, &format!("{}/v1/outbox/summary", worker.proc.admin)).await;
         let st = flux.stats();
         let empty = s.as_ref().is_some_and(|s| {
             s["pending_keys"].as_u64() == Some(0)

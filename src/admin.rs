@@ -442,26 +442,22 @@ async fn export(
 }
 
 /// [`export_ndjson`] with the count of records that could not be read (and are not in it).
+/// The same store functions as the offline export of `outbox-dump`, so that its output is
+/// identical live and offline, also on a damaged store; nothing is compacted or written.
 fn export_counted(store: &Store, quarantine: bool) -> Result<(String, u64), StoreError> {
-    store.compact_all()?;
     let listing = if quarantine {
         store.quarantine_listing(None, None, usize::MAX)?
     } else {
-        store.pending_listing(None, None, usize::MAX)?
+        store.folded_pending_listing()?
     };
     Ok((rows_to_ndjson(&listing.rows), listing.unreadable))
 }
 
-/// The pending newest values (or the quarantine) as NDJSON in the native ingest format, one
-/// update per entity and source time, so that posting it to another worker recreates them.
+/// The pending newest values, with the uncompacted log folded in (or the quarantine), as
+/// NDJSON in the native ingest format, one update per entity and source time, so that
+/// posting it to another worker recreates them. Read-only.
 pub fn export_ndjson(store: &Store, quarantine: bool) -> Result<String, StoreError> {
-    store.compact_all()?;
-    let rows = if quarantine {
-        store.quarantine_rows(None, usize::MAX)?
-    } else {
-        store.pending_rows(None, None, usize::MAX)?
-    };
-    Ok(rows_to_ndjson(&rows))
+    export_counted(store, quarantine).map(|(body, _)| body)
 }
 
 /// Groups rows per (entity, ts) into native ingest updates, one JSON object per line.

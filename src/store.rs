@@ -1742,6 +1742,18 @@ impl Store {
         tree_quarantine_listing(&self.db(), entity_prefix, older_than_ms, limit)
     }
 
+    /// The pending rows the store would hold once its log is compacted, with the log folded
+    /// in memory by [`tree_folded_pending_listing`] (the function `outbox-dump export` uses on
+    /// a stopped store, so live and offline exports are the same) and nothing written: a read
+    /// command must not change the store, nor set a corrupt record aside before `verify` saw it.
+    /// The state lock is held meanwhile so that compaction, claims and settlements do not
+    /// move records between the log and the pending set under the fold (which would see a
+    /// record twice or not at all); ingest may still append to the log's end.
+    pub fn folded_pending_listing(&self) -> Result<Listing<Row>, StoreError> {
+        let _state = lock(&self.inner.state);
+        tree_folded_pending_listing(&self.db())
+    }
+
     /// The uncompacted tail of the log.
     pub fn log_rows(&self, limit: usize) -> Result<Vec<LogRow>, StoreError> {
         tree_log_rows(&self.db(), limit)

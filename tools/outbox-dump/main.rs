@@ -27,7 +27,9 @@
 //!   later reads leave the files byte for byte as they are. While the tool holds the store
 //!   (a second or so), a worker starting at that moment is refused and restarts.
 //! - **live**: the worker runs and holds the lock; the tool asks the worker's admin API
-//!   (`/v1/outbox/*`), with output identical to offline for the same content.
+//!   (`/v1/outbox/*`), with output identical to offline for the same content. The worker's
+//!   export folds the tail in memory with the same function, so live export does not compact
+//!   either (nor set a corrupt log record aside before `verify` reported it).
 //!
 //! Which one: `--admin URL` means live. Otherwise the data directory (`--data-dir`, else the
 //! config's `data_dir`) is opened offline, and when it is locked by the running worker the tool

@@ -224,9 +224,11 @@ impl Source {
         }
     }
 
-    /// NDJSON in the native ingest format. Offline the log tail is folded in memory (nothing is
-    /// written); live the worker compacts first. Either way: what `pending` shows after
-    /// compaction. Also returns how many records could not be read (and are not exported).
+    /// NDJSON in the native ingest format: what `pending` shows after compaction, with the
+    /// log tail folded in memory by the same store function offline and live (the worker
+    /// calls it on its open store), so that nothing is written and the output, warnings
+    /// included, is identical. Also returns how many records could not be read (and are not
+    /// exported).
     pub fn export(&self, quarantine: bool) -> Result<(String, u64), Failure> {
         match self {
             Source::Offline(o) => {

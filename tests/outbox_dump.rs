@@ -1218,6 +1218,8 @@ fn quarantine_table(f: &Fixture, now: u64) -> String {
         rfc(q.pending_since_ms),
         age_text(now - q.pending_since_ms),
         "0".into(),
+        // The rejection is the key's last error too (settle records it there).
+        "rejected: bad value".into(),
         rfc(at),
         "400".into(),
         "rejected: bad value".into(),
@@ -1230,6 +1232,7 @@ fn quarantine_table(f: &Fixture, now: u64) -> String {
         "PENDING SINCE",
         "AGE",
         "ATTEMPTS",
+        "LAST ERROR",
         "QUARANTINED",
         "HTTP",
         "REASON",

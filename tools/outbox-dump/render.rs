@@ -200,11 +200,12 @@ pub fn rows(rows: &[Row], kind: RowKind, limit: usize, now: u64, format: Format)
         "PENDING SINCE",
         "AGE",
         "ATTEMPTS",
+        "LAST ERROR",
     ];
+    // Issue 5: quarantine shows what pending shows plus when, the HTTP status and the reason
+    // (last, as the longest cell).
     if kind == RowKind::Quarantine {
         header.extend(["QUARANTINED", "HTTP", "REASON"]);
-    } else {
-        header.push("LAST ERROR");
     }
     let cells: Vec<Vec<String>> = rows
         .iter()
@@ -217,16 +218,12 @@ pub fn rows(rows: &[Row], kind: RowKind, limit: usize, now: u64, format: Format)
                 rfc3339(r.pending_since_ms),
                 age(now.saturating_sub(r.pending_since_ms)),
                 r.attempts.to_string(),
+                shorten(r.last_error.as_deref().unwrap_or(""), ERROR_CHARS_MAX),
             ];
             if kind == RowKind::Quarantine {
                 c.push(r.quarantined_at_ms.map(rfc3339).unwrap_or_default());
                 c.push(r.http_status.map(|s| s.to_string()).unwrap_or("-".into()));
                 c.push(shorten(r.reason.as_deref().unwrap_or(""), ERROR_CHARS_MAX));
-            } else {
-                c.push(shorten(
-                    r.last_error.as_deref().unwrap_or(""),
-                    ERROR_CHARS_MAX,
-                ));
             }
             c
         })
@@ -419,6 +416,55 @@ mod tests {
     fn times_out_of_range_do_not_panic() {
         assert_eq!(rfc3339(0), "1970-01-01T00:00:00.000Z");
         assert!(rfc3339(u64::MAX).starts_with("(out of range"));
+    }
+
+    /// Quarantine shows every pending column, LAST ERROR included, then when, the HTTP
+    /// status and the reason; the two texts are distinct here so a swap would show.
+    #[test]
+    fn quarantine_table_keeps_the_last_error_and_adds_its_own_columns() {
+        let row = Row {
+            entity: "q1".into(),
+            property: "x".into(),
+            value: json!(1),
+            ts_ms: 1_000,
+            seq: 5,
+            pending_since_ms: 0,
+            attempts: 2,
+            last_error: Some("timeout".into()),
+            reason: Some("rejected: bad value".into()),
+            http_status: Some(400),
+            quarantined_at_ms: Some(2_000),
+        };
+        let t = |ms| rfc3339(ms);
+        let header =
+            "ENTITY  PROPERTY  VALUE  SOURCE TIME               PENDING SINCE             \
+                      AGE  ATTEMPTS  LAST ERROR  QUARANTINED               HTTP  REASON";
+        let line = format!(
+            "q1      x         1      {}  {}  3s   2         timeout     {}  400   \
+             rejected: bad value",
+            t(1_000),
+            t(0),
+            t(2_000)
+        );
+        assert_eq!(
+            rows(
+                &[row.clone()],
+                RowKind::Quarantine,
+                10,
+                3_000,
+                Format::Table
+            ),
+            format!("{header}\n{line}\n1 quarantined keys\n")
+        );
+        // Pending has the same first columns and stops at LAST ERROR.
+        let pending = rows(&[row], RowKind::Pending, 10, 3_000, Format::Table);
+        assert!(
+            pending.starts_with(
+                "ENTITY  PROPERTY  VALUE  SOURCE TIME               PENDING SINCE             \
+                 AGE  ATTEMPTS  LAST ERROR\n"
+            ),
+            "{pending}"
+        );
     }
 
     #[test]

@@ -332,11 +332,13 @@ pub async fn run(
         _ = restart_rx.wait_for(|r| *r) => Exit::Restart,
     };
 
+    // The flag first, the log line after: once "shutting down" is logged, every request whose
+    // admission check runs from then on is refused with 503 (tests and operators rely on it).
+    state.shutting_down.store(true, Ordering::SeqCst);
     tracing::info!(
         ?exit,
         "shutting down: refusing new updates, finishing requests in flight"
     );
-    state.shutting_down.store(true, Ordering::SeqCst);
     let _ = stop_tx.send(true);
     // Graceful shutdown waits for every open connection; a producer that never finishes its
     // request body (or a stuck admin scrape) must not keep the worker from stopping. Requests
@@ -353,6 +355,13 @@ pub async fn run(
         servers.abort_all();
         while servers.join_next().await.is_some() {}
     }
+    // /metrics is gone with the listeners: the count of updates refused while stopping (the
+    // same counter as flux_outbox_ingest_rejected_total{reason="shutting_down"}) goes to the
+    // log, so a producer's 503s at shutdown can be matched with the worker's side.
+    tracing::info!(
+        rejected_shutting_down = metrics.rejected("shutting_down"),
+        "listeners closed"
+    );
     for t in scada_tasks {
         let _ = t.await;
     }

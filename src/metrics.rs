@@ -102,6 +102,13 @@ impl Metrics {
             .entry(reason.to_string())
             .or_default() += n;
     }
+    /// The value of `flux_outbox_ingest_rejected_total{reason="..."}`.
+    pub fn rejected(&self, reason: &str) -> u64 {
+        lock(&self.ingest_rejected)
+            .get(reason)
+            .copied()
+            .unwrap_or(0)
+    }
     pub fn batch(&self, result: &str) {
         *lock(&self.batches).entry(result.to_string()).or_default() += 1;
     }
@@ -255,4 +262,25 @@ fn labeled(out: &mut String, name: &str, help: &str, label: &str, values: &BTree
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// `rejected` is the value the Prometheus series shows (the shutdown log line relies on it).
+    #[test]
+    fn rejected_reads_the_labeled_counter() {
+        let m = Metrics::new(true);
+        assert_eq!(m.rejected("shutting_down"), 0);
+        m.reject("shutting_down", 2);
+        m.reject("bad_json", 1);
+        assert_eq!(m.rejected("shutting_down"), 2);
+        let mut out = String::new();
+        m.render(&mut out);
+        assert!(
+            out.contains("\nflux_outbox_ingest_rejected_total{reason=\"shutting_down\"} 2\n"),
+            "{out}"
+        );
+    }
 }

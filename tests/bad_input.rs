@@ -875,21 +875,34 @@ async fn shutting_down_is_503() {
         },
     )
     .await;
+    let before = rejected(&w.metrics().await, "shutting_down");
+    assert_eq!(before, 0.0);
     w.sigterm();
+    // The worker sets its shutting-down flag before it logs this line: no wait is needed.
     poll(DEADLINE, "the worker to start shutting down", || async {
         w.log().contains("shutting down").then_some(())
     })
     .await;
-    // The flag is set right after that log line; give a loaded machine time to get there.
-    tokio::time::sleep(Duration::from_millis(300)).await;
     conn.write_all(rest.as_bytes()).unwrap();
     let mut answer = String::new();
     let _ = conn.read_to_string(&mut answer);
     assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
     let json_body = &answer[answer.find("\r\n\r\n").unwrap() + 4..];
-    assert!(error_text(json_body).contains("shutting down"), "{answer}");
+    assert_eq!(
+        error_text(json_body),
+        "flux-outbox is shutting down; retry against the restarted worker",
+        "{answer}"
+    );
     let status = w.wait_exit(DEADLINE).await;
     assert_eq!(status.code(), Some(0), "log:\n{}", w.log());
+    // /metrics closes with the listeners, so the worker logs the final value of
+    // flux_outbox_ingest_rejected_total{reason="shutting_down"}: this one refusal.
+    assert!(
+        w.log()
+            .contains("listeners closed rejected_shutting_down=1"),
+        "log:\n{}",
+        w.log()
+    );
     // New connections after exit fail: nothing can be acknowledged by a stopped worker.
     assert!(w
         .try_post("/v1/updates", JSON, body.clone(), None)

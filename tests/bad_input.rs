@@ -6,7 +6,6 @@
 mod harness;
 
 use std::io::{Read, Write};
-use std::time::Duration;
 
 use flux_outbox::sim::{Faults, SimConfig, SimHandle};
 use harness::*;
@@ -430,6 +429,82 @@ async fn entity_id_flux_would_refuse() {
     w.stop().await;
 }
 
+/// Without public mode Flux still refuses an empty id, an id over 512 bytes and an id with a
+/// control character (validate.rs): refused at ingest on every API; the public-mode form rule
+/// (`namespace/rest`) does not apply.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn entity_id_flux_would_refuse_without_public_mode() {
+    let (sim, mut w) = setup(|_| {}).await;
+    let body = json!([
+        {"entity": "scada/np/a", "properties": {"v": 1}},
+        {"entity": "", "properties": {"v": 1}},
+    ]);
+    refused(
+        &w,
+        "/v1/updates",
+        JSON,
+        body.to_string(),
+        400,
+        "empty_entity",
+        &["item 1: entity id must not be empty"],
+    )
+    .await;
+    let long = format!("scada/{}", "x".repeat(507));
+    assert_eq!(long.len(), 513);
+    let body = ndjson(&[
+        json!({"entity": "scada/np/b", "properties": {"v": 1}}),
+        json!({"entity": long, "properties": {"v": 1}}),
+    ]);
+    refused(
+        &w,
+        "/v1/updates",
+        NDJSON,
+        body,
+        400,
+        "entity_too_long",
+        &["line 2: entity id ", "is 513 bytes, at most 512 allowed"],
+    )
+    .await;
+    let body = json!({"events": [
+        flux_event("scada/np/c", json!({"v": 1})),
+        flux_event("scada/np\td", json!({"v": 1})),
+    ]});
+    refused(
+        &w,
+        "/api/events/batch",
+        JSON,
+        body.to_string(),
+        400,
+        "entity_bad_char",
+        &["item 1: entity id \"scada/np\\td\" contains a control character"],
+    )
+    .await;
+    refused(
+        &w,
+        "/api/events",
+        JSON,
+        flux_event("", json!({"v": 1})).to_string(),
+        400,
+        "empty_entity",
+        &["entity id must not be empty"],
+    )
+    .await;
+    // Exactly 512 bytes and ids public mode would refuse are accepted and delivered.
+    let longest = format!("scada/{}", "y".repeat(506));
+    for id in [longest.as_str(), "no-slash", "scada/two/slashes"] {
+        let (s, body) = w
+            .post_json(
+                "/v1/updates",
+                &json!({"entity": id, "properties": {"v": 2}}),
+            )
+            .await;
+        assert_eq!(s, 200, "{id}: {body}");
+        wait_value(&sim, id, "v", &json!(2)).await;
+    }
+    nothing_stored(&w, &sim, &["", "scada/np/a", "scada/np/b", "scada/np/c"]).await;
+    w.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn value_over_flux_event_limit() {
     let (sim, mut w) = setup(|_| {}).await;
@@ -647,16 +722,19 @@ async fn outbox_full_refuses_new_keys_only() {
         )
         .await;
     assert_eq!(s, 507, "{body}");
-    let text = error_text(&body);
-    assert!(
-        text.contains("pending keys") && text.contains("limit 2"),
-        "{text}"
+    // Flux's error shape on both APIs, the same words: what is full, the limit, what still goes.
+    let full = json!({"error": "outbox full: 2 pending keys (limit 2); updates of keys already pending are still accepted"});
+    assert_eq!(
+        serde_json::from_str::<Value>(&body).ok(),
+        Some(full.clone())
     );
     assert_eq!(rejected(&w.metrics().await, "outbox_full"), before + 2.0);
     let (s, body) = w
         .post_json("/api/events", &flux_event("scada/of/c", json!({"q": 1})))
         .await;
     assert_eq!(s, 507, "{body}");
+    assert_eq!(serde_json::from_str::<Value>(&body).ok(), Some(full));
+    assert_eq!(rejected(&w.metrics().await, "outbox_full"), before + 3.0);
     assert_eq!(
         w.backlog().await,
         (2, 0),
@@ -822,6 +900,15 @@ async fn disk_limit_refuses_new_keys_with_507() {
         .post_json("/api/events", &flux_event("scada/dl/c", json!({"v": 1})))
         .await;
     assert_eq!(s, 507, "{body}");
+    let text = error_text(&body);
+    assert!(
+        text.starts_with("outbox full: ")
+            && text.ends_with(
+                " bytes on disk (limit 1048576); updates of keys already pending are still accepted"
+            ),
+        "{text}"
+    );
+    assert_eq!(rejected(&w.metrics().await, "outbox_full"), before + 3.0);
     w.wait_compacted().await;
     assert_eq!(
         w.backlog().await,

@@ -776,6 +776,116 @@ fn live_requeue_and_admin_token() {
     assert_eq!(offline(&dir, &["summary"])["requeued"], 1);
 }
 
+/// A store whose keys are all quarantined, under entities that share prefixes in different
+/// ways: `site-a/t1` (x, y) and `site-a/t2` (x) start with `site-a`; `site-b/t1` does not, nor
+/// does `xsite-a/t1`, which only contains it.
+fn build_quarantine_only(data_dir: &Path) {
+    let (store, _) = Store::open(data_dir, StoreOptions::default()).expect("open store");
+    store
+        .ingest_blocking(vec![
+            set("site-a/t1", json!({"x": 1, "y": 2}), T + 1000),
+            set("site-a/t2", json!({"x": 3}), T + 1000),
+            set("site-b/t1", json!({"x": 4}), T + 1000),
+            set("xsite-a/t1", json!({"x": 5}), T + 1000),
+        ])
+        .expect("ingest");
+    store.compact_all().expect("compact");
+    while let Some(claim) = store
+        .claim(ClaimLimits {
+            events_max: 100,
+            bytes_max: 1 << 20,
+        })
+        .expect("claim")
+    {
+        let mut settlements = Vec::new();
+        for ev in &claim.events {
+            for p in &ev.props {
+                settlements.push(Settlement {
+                    key: flux_outbox::model::PropKey::new(ev.entity.clone(), p.name.clone()),
+                    sent: p.pending.clone(),
+                    outcome: Outcome::Quarantine {
+                        reason: "rejected: test".into(),
+                        http_status: Some(400),
+                    },
+                });
+            }
+        }
+        store.settle(settlements).expect("settle");
+        store.release(&claim);
+    }
+    assert_eq!(store.stats().quarantine_keys, 5);
+    store.close().expect("close");
+}
+
+/// (entity, property, value) of each row of a listing, in its order.
+fn keys_of(listing: &Value) -> Vec<(String, String, Value)> {
+    listing
+        .as_array()
+        .expect("rows")
+        .iter()
+        .map(|r| {
+            (
+                r["entity"].as_str().expect("entity").to_string(),
+                r["property"].as_str().expect("property").to_string(),
+                r["value"].clone(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn live_requeue_by_entity_prefix_moves_exactly_the_matching_keys() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path().join("data");
+    build_quarantine_only(&dir);
+    let worker = Worker::start(worker_config(&dir, ""));
+    let admin = worker.admin();
+    let k = |e: &str, p: &str, v: i64| (e.to_string(), p.to_string(), json!(v));
+
+    assert_eq!(
+        live(&admin, &["requeue", "--entity", "nomatch"]),
+        json!({"requeued": 0})
+    );
+    let o = run(&[
+        "--admin", &admin, "--format", "table", "requeue", "--entity", "site-a",
+    ]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert_eq!(
+        stdout(&o),
+        "requeued 3 keys (moved from quarantine back to pending)\n"
+    );
+    // Moved back: exactly the keys whose entity starts with the prefix, values intact.
+    assert_eq!(
+        keys_of(&live(&admin, &["pending"])),
+        vec![
+            k("site-a/t1", "x", 1),
+            k("site-a/t1", "y", 2),
+            k("site-a/t2", "x", 3)
+        ]
+    );
+    assert_eq!(
+        keys_of(&live(&admin, &["quarantine"])),
+        vec![k("site-b/t1", "x", 4), k("xsite-a/t1", "x", 5)]
+    );
+    let s = live(&admin, &["summary"]);
+    assert_eq!(
+        (&s["pending_keys"], &s["quarantine_keys"], &s["requeued"]),
+        (&json!(3), &json!(2), &json!(3))
+    );
+    // Nothing left under the prefix.
+    assert_eq!(
+        live(&admin, &["requeue", "--entity", "site-a"]),
+        json!({"requeued": 0})
+    );
+    worker.stop();
+    // The move is durable and consistent: the stopped store reads the same.
+    assert_eq!(
+        keys_of(&offline(&dir, &["quarantine"])),
+        vec![k("site-b/t1", "x", 4), k("xsite-a/t1", "x", 5)]
+    );
+    assert_eq!(offline(&dir, &["verify"])["problems"], json!([]));
+}
+
 // ---------------------------------------------------------------------------------------------
 // export to another worker
 

@@ -1109,6 +1109,108 @@ fn verify_finds_each_planted_corruption() {
     assert_eq!(code, 1);
     assert!(problems(&v).contains("format version 0"), "{v}");
 
+    // Each remaining check of verify_tree, one planted corruption each, the whole report.
+    let cases: Vec<(&str, Box<dyn FnOnce(&sled::Db)>, Vec<String>)> = vec![
+        // A second index entry for e2.level at a seq that is not its first_seq (a key whose
+        // entry matches its first_seq twice cannot exist: the seq is part of the sled key).
+        (
+            "secondindex",
+            Box::new(|db: &sled::Db| {
+                let mut k = vec![b'I'];
+                k.extend_from_slice(&50u64.to_be_bytes());
+                k.extend_from_slice(&key_of(b'P', "e2", "level")[1..]);
+                db.insert(k, Vec::<u8>::new()).expect("insert");
+            }),
+            vec![format!(
+                "index entry 50 for {:?} but its first_seq is 2",
+                Some(&e2)
+            )],
+        ),
+        // The only entry of e2.level moved to a wrong seq: both directions are reported.
+        (
+            "movedindex",
+            Box::new(|db: &sled::Db| {
+                let rest = key_of(b'P', "e2", "level")[1..].to_vec();
+                let mut old = vec![b'I'];
+                old.extend_from_slice(&2u64.to_be_bytes());
+                old.extend_from_slice(&rest);
+                assert!(
+                    db.remove(old).expect("remove").is_some(),
+                    "e2.level's entry"
+                );
+                let mut new = vec![b'I'];
+                new.extend_from_slice(&7u64.to_be_bytes());
+                new.extend_from_slice(&rest);
+                db.insert(new, Vec::<u8>::new()).expect("insert");
+            }),
+            vec![
+                format!("index entry 7 for {:?} but its first_seq is 2", Some(&e2)),
+                format!(
+                    "pending key {:?} missing from the delivery index",
+                    Some(&e2)
+                ),
+            ],
+        ),
+        (
+            "quarantinecounter",
+            Box::new(|db: &sled::Db| {
+                let raw = db.get(b"Mcounters").expect("get").expect("counters");
+                let mut c: Counters = record::decode(&raw).expect("counters decode");
+                c.quarantine_keys += 2;
+                db.insert(b"Mcounters", record::encode(&c)).expect("insert");
+            }),
+            vec!["counter quarantine_keys = 3 but 1 quarantine records".into()],
+        ),
+        // A record in the set-aside area the counters do not know (the area was edited).
+        (
+            "setaside",
+            Box::new(|db: &sled::Db| {
+                let mut k = vec![b'X'];
+                k.extend_from_slice(&1u64.to_be_bytes());
+                k.extend_from_slice(&log_key(3));
+                db.insert(k, b"garbage".to_vec()).expect("insert");
+            }),
+            vec!["counter corrupt_set_aside = 0 but 1 records set aside".into()],
+        ),
+        (
+            "nextseq",
+            Box::new(|db: &sled::Db| {
+                db.insert(b"Mnext_seq", b"abc".to_vec()).expect("insert");
+            }),
+            vec!["next_seq record is malformed".into()],
+        ),
+        // A malformed entity count reads as 0, which then disagrees with the entity's keys.
+        (
+            "entitymalformed",
+            Box::new(|db: &sled::Db| {
+                db.insert(b"Ee1", b"abc".to_vec()).expect("insert");
+            }),
+            vec![
+                "entity count \"Ee1\" is malformed".into(),
+                "entity \"e1\": count says 0 pending keys, found 2".into(),
+            ],
+        ),
+        (
+            "unknownprefix",
+            Box::new(|db: &sled::Db| {
+                db.insert(b"Zstray", b"x".to_vec()).expect("insert");
+            }),
+            vec!["unknown record \"Zstray\"".into()],
+        ),
+        (
+            "unknownmeta",
+            Box::new(|db: &sled::Db| {
+                db.insert(b"Mstray", b"x".to_vec()).expect("insert");
+            }),
+            vec!["unknown meta record \"Mstray\"".into()],
+        ),
+    ];
+    for (name, tamper, expected) in cases {
+        let (code, v) = verify_tampered(&dir, name, tamper);
+        assert_eq!((code, &v["problems"]), (1, &json!(expected)), "{name}");
+        assert_eq!(v["ok"], false, "{name}");
+    }
+
     // The healthy original is untouched by all this.
     let o = run(&["--data-dir", &d, "--format", "json", "verify"]);
     assert_eq!(o.status.code(), Some(0));

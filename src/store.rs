@@ -41,8 +41,10 @@
 //! the store is at `disk_bytes_max` (measured at open and refreshed periodically), a request is
 //! accepted only if every key it sets is already held: pending, quarantined, in the uncompacted
 //! log (a full store folds the log first to see it), or set by a request earlier in the same
-//! commit group. Deletes are always accepted. Otherwise `StoreError::Full` (HTTP 507); nothing
-//! already accepted is ever dropped to make room.
+//! commit group. The uncompacted keys count every key of every log record, rewrites of pending
+//! keys included, so the fold also corrects that over-count: when the store is below its limits
+//! after the fold, the request is accepted. Deletes are always accepted. Otherwise
+//! `StoreError::Full` (HTTP 507); nothing already accepted is ever dropped to make room.
 //!
 //! # Space: what a drained store keeps (decided, measured)
 //! `shrink_if_drained` rotates a drained store to a fresh one holding only `M`, `D`, `T`, `Q`
@@ -1018,26 +1020,34 @@ impl Store {
         extra_keys: u64,
         earlier: &[(IngestReq, u64, u64)],
     ) -> Result<(), StoreError> {
-        let pending = lock(&self.inner.state).counters.pending_keys;
-        let keys = pending + self.inner.log_keys.load(Ordering::Relaxed) + extra_keys;
         // Count the request's own keys: checking only the keys already there let one request
         // just under the limit add any number of new keys (up to 10,000 per update).
         let req_keys: u64 = updates.iter().map(|u| u.key_count() as u64).sum();
-        let disk = self.inner.disk_bytes.load(Ordering::Relaxed);
-        let full = if keys + req_keys > self.inner.opts.pending_keys_max {
-            Some(format!(
-                "{keys} pending keys (limit {})",
-                self.inner.opts.pending_keys_max
-            ))
-        } else if disk >= self.inner.opts.disk_bytes_max {
-            Some(format!(
-                "{disk} bytes on disk (limit {})",
-                self.inner.opts.disk_bytes_max
-            ))
-        } else {
-            None
+        // Why the store is full right now, or None. `log_keys` counts every key of every
+        // uncompacted record, rewrites of pending keys included (which key a record holds is
+        // not known without reading it), so it over-counts until the log is folded: it is
+        // evaluated again after a fold.
+        let full_now = || -> Option<String> {
+            let pending = lock(&self.inner.state).counters.pending_keys;
+            let keys = pending + self.inner.log_keys.load(Ordering::Relaxed) + extra_keys;
+            let disk = self.inner.disk_bytes.load(Ordering::Relaxed);
+            if keys + req_keys > self.inner.opts.pending_keys_max {
+                Some(format!(
+                    "{keys} pending keys (limit {})",
+                    self.inner.opts.pending_keys_max
+                ))
+            } else if disk >= self.inner.opts.disk_bytes_max {
+                Some(format!(
+                    "{disk} bytes on disk (limit {})",
+                    self.inner.opts.disk_bytes_max
+                ))
+            } else {
+                None
+            }
         };
-        let Some(why) = full else { return Ok(()) };
+        let Some(mut why) = full_now() else {
+            return Ok(());
+        };
         let db = self.db();
         let held = |entity: &str, name: &str| -> Result<bool, StoreError> {
             Ok(db
@@ -1065,6 +1075,14 @@ impl Store {
                         // The key may be waiting in the log: fold it, then look again.
                         folded = true;
                         self.compact_all()?;
+                        // The fold replaced the log's over-count by the real pending count:
+                        // with room now, the whole request fits (its keys were counted as
+                        // new), and judging it on the count from before the fold refused
+                        // new keys of a store below its limit.
+                        match full_now() {
+                            None => return Ok(()),
+                            Some(now) => why = now,
+                        }
                         if held(&u.entity, name)? {
                             continue;
                         }

@@ -183,8 +183,12 @@ pub async fn run(
         return Ok(Exit::Stopped);
     };
     if let Some(aside) = &report.moved_aside_to {
-        tracing::error!(aside = %aside.display(), salvaged = report.salvaged_records, error = ?report.open_error,
+        tracing::error!(aside = %aside.display(), salvaged = report.salvaged_records,
+            set_aside = report.salvage_set_aside, error = ?report.open_error,
             "THE STORE COULD NOT BE OPENED: it was moved aside and a fresh store started; inspect the old one with outbox-dump");
+    }
+    if report.format_record_repaired {
+        tracing::error!("THE STORE'S FORMAT RECORD WAS MALFORMED: every other record is of this version, so it was set aside (see outbox-dump corrupt records) and rewritten");
     }
     let stats = store.stats();
     tracing::info!(dir = %store.dir().display(), pending_keys = stats.pending_keys, log_backlog = stats.log_backlog,

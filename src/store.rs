@@ -17,11 +17,12 @@
 //! 6. The counters in `M counters` are written in the same batch as the change they count.
 //! 7. A record that fails its checksum or decoding is moved to the `X` area and counted; it never
 //!    stops progress. A store sled cannot open is moved aside and a fresh one started, loudly.
+//!    A malformed format record is damage, not a newer version (see Recovery).
 //!
 //! # On-disk layout (one sled tree; key prefix byte, then the rest)
 //! | prefix | key                         | value                          |
 //! |--------|-----------------------------|--------------------------------|
-//! | `M`    | name                        | meta (`format_version` raw u32 BE, `next_seq` u64 BE, `counters`) |
+//! | `M`    | name                        | meta (`format_version` raw u32 BE, `next_seq` u64 BE, `counters`; `rebuild_derived` empty, only while a salvage is unfinished) |
 //! | `L`    | seq u64 BE                  | [`LogRecord`]: the write-ahead log, not yet compacted |
 //! | `P`    | keyenc(entity, property)    | [`PendingRecord`]: newest pending value per key |
 //! | `I`    | first_seq u64 BE + keyenc   | empty: delivery order (oldest pending first) |
@@ -41,8 +42,10 @@
 //! the store is at `disk_bytes_max` (measured at open and refreshed periodically), a request is
 //! accepted only if every key it sets is already held: pending, quarantined, in the uncompacted
 //! log (a full store folds the log first to see it), or set by a request earlier in the same
-//! commit group. Deletes are always accepted. Otherwise `StoreError::Full` (HTTP 507); nothing
-//! already accepted is ever dropped to make room.
+//! commit group. The uncompacted keys count every key of every log record, rewrites of pending
+//! keys included, so the fold also corrects that over-count: when the store is below its limits
+//! after the fold, the request is accepted. Deletes are always accepted. Otherwise
+//! `StoreError::Full` (HTTP 507); nothing already accepted is ever dropped to make room.
 //!
 //! # Space: what a drained store keeps (decided, measured)
 //! `shrink_if_drained` rotates a drained store to a fresh one holding only `M`, `D`, `T`, `Q`
@@ -59,14 +62,31 @@
 //! The directory is renamed to `store.corrupt-<epoch ms>` and a fresh store is created. Salvage
 //! then opens the moved-aside store as it is, or else a scratch copy of it without sled's `conf`
 //! file (a damaged `conf` alone makes sled refuse intact data). If one of them opens, every
-//! record sled can iterate is copied raw into the fresh store, in key order, up to the first read
-//! error, and `OpenReport::salvaged_records` counts them. If neither opens (damage in the `db`
-//! file itself that sled refuses), nothing is salvaged: the count is 0, the fresh store starts
-//! empty, and the moved-aside directory is kept untouched for the operator (never deleted
-//! automatically). A store whose format version is NEWER than this build's is never moved aside
+//! record sled can iterate is read, in key order, up to the first read error: a record that
+//! passes this build's checks (envelope version, CRC, payload, key shape) is copied raw and
+//! counted in `OpenReport::salvaged_records`; one that fails them is set aside in the fresh
+//! store's `X` area (counted in `corrupt_set_aside` and `OpenReport::salvage_set_aside`).
+//! Then the derived records (`I`, `E`) are rebuilt from the copied `P` records and the content
+//! counters (pending keys and entities, quarantine, set-aside) are recounted, so a salvage cut
+//! short leaves a store that `verify` finds consistent; the history counters (superseded,
+//! delivered, ...) are kept as copied. The fresh store carries the `Mrebuild_derived` mark from
+//! the start of the salvage until that rebuild is done, so a crash in between redoes it at the
+//! next open. If neither opens (damage in the `db` file itself that sled refuses), nothing is
+//! salvaged: the count is 0, the fresh store starts empty, and the moved-aside directory is
+//! kept untouched for the operator (never deleted automatically).
+//!
+//! A format record that is not 4 bytes is damage (this and newer builds write 4 bytes). When
+//! every other record passes this build's checks, the data is of this version: the bad record
+//! is set aside in `X` (counted) and rewritten with this build's version in one batch, the
+//! store opens in place and `OpenReport::format_record_repaired` says so. When any other record
+//! fails the checks as well, the version of the data is not known: the store is moved aside and
+//! salvaged as above (only what passes the checks becomes live).
+//!
+//! A store whose (well-formed) format version is NEWER than this build's is never moved aside
 //! or salvaged: `open` fails with `StoreError::NewerFormat` and the worker exits (systemd's start
 //! limit ends the restarts). This is deliberate: data of a format this build does not know is
-//! never touched.
+//! never touched. (A moved-aside store found to be of a newer format is copied as it is,
+//! unchecked, and then refused the same way.)
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::File;
@@ -87,6 +107,9 @@ use crate::record::{
 const META_FORMAT: &[u8] = b"Mformat_version";
 const META_NEXT_SEQ: &[u8] = b"Mnext_seq";
 const META_COUNTERS: &[u8] = b"Mcounters";
+/// Present while a salvage into this (fresh) store is unfinished: the next open rebuilds the
+/// derived records (`I`, `E`) from `P` and recounts the counters before anything else.
+const META_REBUILD: &[u8] = b"Mrebuild_derived";
 /// The name of the sled directory inside the data directory.
 pub const STORE_DIR: &str = "store";
 /// Most updates gathered into one commit group (bounds the batch and the time callers wait).
@@ -173,6 +196,13 @@ pub struct OpenReport {
     /// The previous store could not be opened and was moved here.
     pub moved_aside_to: Option<PathBuf>,
     pub salvaged_records: u64,
+    /// Records read from the moved-aside store that failed this build's checks: set aside in
+    /// the fresh store's `X` area (also counted in `corrupt_set_aside`), not copied as live.
+    pub salvage_set_aside: u64,
+    /// The format version record was malformed (not 4 bytes) while every other record passed
+    /// this build's checks: its bytes were set aside in `X` (counted) and it was rewritten
+    /// with this build's version.
+    pub format_record_repaired: bool,
     pub open_error: Option<String>,
     /// Acknowledged updates the store no longer holds: sequence numbers from the first to the
     /// last missing (see [`ACKED_SEQ_FILE`]). Damage to sled's own files makes sled drop
@@ -707,7 +737,18 @@ impl Store {
         };
         remove_torn_snapshots(&path);
         let db = match sled_config(&path, &opts).open() {
-            Ok(db) => db,
+            Ok(db) => match unsound_beside_malformed_format(&db)? {
+                None => db,
+                Some(why) => {
+                    // A malformed format record is damage, not a newer version (a newer build
+                    // writes 4 bytes). With other records failing this build's checks too,
+                    // the version of the data is unknown: keep the store as found, aside, and
+                    // salvage only what passes the checks.
+                    drop(db);
+                    let e = format!("format version record malformed and {why}");
+                    Self::move_aside_and_salvage(data_dir, &opts, e, &mut report)?
+                }
+            },
             Err(e) if is_lock_error(&e) => return Err(StoreError::Locked(path)),
             Err(e) if is_environmental(&e) => {
                 return Err(StoreError::Unavailable {
@@ -715,27 +756,43 @@ impl Store {
                     reason: e.to_string(),
                 })
             }
-            Err(e) => {
-                let aside = data_dir.join(format!("{STORE_DIR}.corrupt-{}", now_ms()));
-                tracing::error!(store = %path.display(), error = %e, aside = %aside.display(),
-                    "STORE CANNOT BE OPENED: moving it aside and starting a fresh store");
-                std::fs::rename(&path, &aside).map_err(|re| {
-                    StoreError::Other(format!(
-                        "store {} cannot be opened ({e}) and cannot be moved aside ({re})",
-                        path.display()
-                    ))
-                })?;
-                report.moved_aside_to = Some(aside.clone());
-                report.open_error = Some(e.to_string());
-                let db = sled_config(&path, &opts)
-                    .open()
-                    .map_err(StoreError::storage)?;
-                report.salvaged_records = salvage_into(&aside, &db);
-                tracing::error!(salvaged = report.salvaged_records, "salvage finished");
-                db
-            }
+            Err(e) => Self::move_aside_and_salvage(data_dir, &opts, e.to_string(), &mut report)?,
         };
         Self::from_db(data_dir, db, opts, report)
+    }
+
+    /// Renames the store to `store.corrupt-<epoch ms>`, creates a fresh one in its place and
+    /// salvages into it what can be read of the old one (see the module doc, Recovery).
+    fn move_aside_and_salvage(
+        data_dir: &Path,
+        opts: &StoreOptions,
+        error: String,
+        report: &mut OpenReport,
+    ) -> Result<sled::Db, StoreError> {
+        let path = data_dir.join(STORE_DIR);
+        let aside = data_dir.join(format!("{STORE_DIR}.corrupt-{}", now_ms()));
+        tracing::error!(store = %path.display(), error = %error, aside = %aside.display(),
+            "STORE CANNOT BE OPENED: moving it aside and starting a fresh store");
+        std::fs::rename(&path, &aside).map_err(|re| {
+            StoreError::Other(format!(
+                "store {} cannot be opened ({error}) and cannot be moved aside ({re})",
+                path.display()
+            ))
+        })?;
+        report.moved_aside_to = Some(aside.clone());
+        report.open_error = Some(error);
+        let db = sled_config(&path, opts)
+            .open()
+            .map_err(StoreError::storage)?;
+        let salvage = salvage_into(&aside, &db)?;
+        report.salvaged_records = salvage.copied;
+        report.salvage_set_aside = salvage.set_aside;
+        tracing::error!(
+            salvaged = salvage.copied,
+            set_aside = salvage.set_aside,
+            "salvage finished"
+        );
+        Ok(db)
     }
 
     fn from_db(
@@ -745,26 +802,9 @@ impl Store {
         report: OpenReport,
     ) -> Result<(Store, OpenReport), StoreError> {
         let path = data_dir.join(STORE_DIR);
-        match db.get(META_FORMAT).map_err(StoreError::storage)? {
-            None => {
-                db.insert(META_FORMAT, &FORMAT_VERSION.to_be_bytes())
-                    .map_err(StoreError::storage)?;
-            }
-            Some(v) => {
-                let found = <[u8; 4]>::try_from(v.as_ref())
-                    .map(u32::from_be_bytes)
-                    .unwrap_or(u32::MAX);
-                if found > FORMAT_VERSION {
-                    return Err(StoreError::NewerFormat {
-                        path,
-                        found,
-                        supported: FORMAT_VERSION,
-                    });
-                }
-            }
-        }
+        let mut report = report;
         let mut counters_corrupt = false;
-        let counters = match db.get(META_COUNTERS).map_err(StoreError::storage)? {
+        let mut counters = match db.get(META_COUNTERS).map_err(StoreError::storage)? {
             None => Counters::default(),
             Some(v) => match record::decode::<Counters>(&v) {
                 Ok(c) => c,
@@ -775,6 +815,52 @@ impl Store {
                 }
             },
         };
+        match db.get(META_FORMAT).map_err(StoreError::storage)? {
+            None => {
+                db.insert(META_FORMAT, &FORMAT_VERSION.to_be_bytes())
+                    .map_err(StoreError::storage)?;
+            }
+            Some(v) => match <[u8; 4]>::try_from(v.as_ref()).map(u32::from_be_bytes) {
+                Ok(found) if found > FORMAT_VERSION => {
+                    return Err(StoreError::NewerFormat {
+                        path,
+                        found,
+                        supported: FORMAT_VERSION,
+                    });
+                }
+                Ok(_) => {}
+                Err(_) => {
+                    // Damage, not a newer version: `open` has checked that every other record
+                    // passes this build's checks (otherwise the store was moved aside), so the
+                    // data is of this version. The bad bytes are kept in `X` and counted, in
+                    // the same batch as the rewritten record.
+                    let ordinal = next_corrupt_ordinal(&db)?.max(counters.corrupt_set_aside);
+                    let mut next = counters.clone();
+                    next.corrupt_set_aside += 1;
+                    let mut batch = sled::Batch::default();
+                    batch.insert(corrupt_key(ordinal, META_FORMAT), v.to_vec());
+                    batch.insert(META_FORMAT, &FORMAT_VERSION.to_be_bytes());
+                    if !counters_corrupt {
+                        // A corrupt counters record is recounted below, X area included.
+                        batch.insert(META_COUNTERS, record::encode(&next));
+                    }
+                    db.apply_batch(batch).map_err(StoreError::storage)?;
+                    counters = next;
+                    report.format_record_repaired = true;
+                    tracing::error!(
+                        malformed = ?v.as_ref(),
+                        version = FORMAT_VERSION,
+                        "STORE FORMAT RECORD MALFORMED: every other record passes this build's checks; set the bad record aside and rewrote it"
+                    );
+                }
+            },
+        }
+        if db.contains_key(META_REBUILD).map_err(StoreError::storage)? {
+            // A salvage (this open's or one a crash cut short) left derived records and
+            // counters that may not match what it copied.
+            counters = rebuild_derived(&db, counters)?;
+            counters_corrupt = false;
+        }
         let stored_next = db
             .get(META_NEXT_SEQ)
             .map_err(StoreError::storage)?
@@ -788,7 +874,6 @@ impl Store {
             .and_then(|k| k.ok())
             .and_then(|k| u64_of(&k[1..]));
         let mut next_seq = stored_next.max(last_log.map(|s| s + 1).unwrap_or(1)).max(1);
-        let mut report = report;
         if let Some(acked) = read_acked_seq(data_dir) {
             if acked >= next_seq {
                 report.lost_seqs = Some((next_seq, acked));
@@ -1018,26 +1103,34 @@ impl Store {
         extra_keys: u64,
         earlier: &[(IngestReq, u64, u64)],
     ) -> Result<(), StoreError> {
-        let pending = lock(&self.inner.state).counters.pending_keys;
-        let keys = pending + self.inner.log_keys.load(Ordering::Relaxed) + extra_keys;
         // Count the request's own keys: checking only the keys already there let one request
         // just under the limit add any number of new keys (up to 10,000 per update).
         let req_keys: u64 = updates.iter().map(|u| u.key_count() as u64).sum();
-        let disk = self.inner.disk_bytes.load(Ordering::Relaxed);
-        let full = if keys + req_keys > self.inner.opts.pending_keys_max {
-            Some(format!(
-                "{keys} pending keys (limit {})",
-                self.inner.opts.pending_keys_max
-            ))
-        } else if disk >= self.inner.opts.disk_bytes_max {
-            Some(format!(
-                "{disk} bytes on disk (limit {})",
-                self.inner.opts.disk_bytes_max
-            ))
-        } else {
-            None
+        // Why the store is full right now, or None. `log_keys` counts every key of every
+        // uncompacted record, rewrites of pending keys included (which key a record holds is
+        // not known without reading it), so it over-counts until the log is folded: it is
+        // evaluated again after a fold.
+        let full_now = || -> Option<String> {
+            let pending = lock(&self.inner.state).counters.pending_keys;
+            let keys = pending + self.inner.log_keys.load(Ordering::Relaxed) + extra_keys;
+            let disk = self.inner.disk_bytes.load(Ordering::Relaxed);
+            if keys + req_keys > self.inner.opts.pending_keys_max {
+                Some(format!(
+                    "{keys} pending keys (limit {})",
+                    self.inner.opts.pending_keys_max
+                ))
+            } else if disk >= self.inner.opts.disk_bytes_max {
+                Some(format!(
+                    "{disk} bytes on disk (limit {})",
+                    self.inner.opts.disk_bytes_max
+                ))
+            } else {
+                None
+            }
         };
-        let Some(why) = full else { return Ok(()) };
+        let Some(mut why) = full_now() else {
+            return Ok(());
+        };
         let db = self.db();
         let held = |entity: &str, name: &str| -> Result<bool, StoreError> {
             Ok(db
@@ -1065,6 +1158,14 @@ impl Store {
                         // The key may be waiting in the log: fold it, then look again.
                         folded = true;
                         self.compact_all()?;
+                        // The fold replaced the log's over-count by the real pending count:
+                        // with room now, the whole request fits (its keys were counted as
+                        // new), and judging it on the count from before the fold refused
+                        // new keys of a store below its limit.
+                        match full_now() {
+                            None => return Ok(()),
+                            Some(now) => why = now,
+                        }
                         if held(&u.entity, name)? {
                             continue;
                         }
@@ -2257,6 +2358,12 @@ pub fn verify_tree(db: &sled::Db, counters: &Counters, next_seq: u64) -> VerifyR
                         }
                         None => problems.push("next_seq record is malformed".into()),
                     }
+                } else if k.as_ref() == META_REBUILD {
+                    problems.push(
+                        "a salvage into this store is unfinished: the worker rebuilds its \
+                         index, entity counts and counters at the next open"
+                            .into(),
+                    );
                 } else {
                     problems.push(format!("unknown meta record {show:?}"));
                 }
@@ -2392,41 +2499,260 @@ pub fn verify_tree(db: &sled::Db, counters: &Counters, next_seq: u64) -> VerifyR
     report
 }
 
-/// Copies every readable record of a store sled could not open into `db`, best effort. sled
-/// offers no reader for a store it cannot open, so this tries to open the moved copy again
-/// (a failure can be transient) and otherwise salvages nothing; returns the records copied.
-fn salvage_into(aside: &Path, db: &sled::Db) -> u64 {
-    let old = match sled::Config::new().path(aside).open() {
-        Ok(old) => old,
-        Err(e) => match open_without_conf(aside) {
-            // A damaged `conf` file alone makes sled refuse a store whose data is intact; the
-            // settings it records are sled's defaults, which we never change. Reading a copy
-            // without it recovers everything and leaves the moved-aside store as it was found.
-            Some(old) => old,
-            None => {
-                tracing::error!(error = %e, "moved-aside store cannot be read: nothing salvaged");
-                return 0;
-            }
+/// Why one record fails this build's checks (envelope version, CRC, payload, key shape), or
+/// `None` when it passes. The same checks as [`verify_tree`], one record at a time; `X` holds
+/// raw bytes by design and always passes.
+fn record_problem(k: &[u8], v: &[u8]) -> Option<String> {
+    let show = || String::from_utf8_lossy(k).into_owned();
+    let decodes = |r: Result<(), DecodeError>| r.err().map(|e| format!("record {:?}: {e}", show()));
+    let key_ok = |ok: bool| (!ok).then(|| format!("key {:?} does not decode", show()));
+    match k.first() {
+        Some(b'M') => match k {
+            META_FORMAT => (v.len() != 4).then(|| "format version record is malformed".into()),
+            META_COUNTERS => decodes(record::decode::<Counters>(v).map(|_| ())),
+            META_NEXT_SEQ => (u64_of(v).is_none()).then(|| "next_seq record is malformed".into()),
+            META_REBUILD => None,
+            _ => Some(format!("unknown meta record {:?}", show())),
         },
-    };
-    let mut copied = 0;
-    for item in old.iter() {
-        match item {
-            Ok((k, v)) => {
-                if db.insert(k, v).is_ok() {
-                    copied += 1;
-                }
-            }
-            Err(_) => break,
+        Some(b'L') => key_ok(u64_of(&k[1..]).is_some())
+            .or_else(|| decodes(record::decode::<LogRecord>(v).map(|_| ()))),
+        Some(b'P') => key_ok(keydec(&k[1..]).is_some())
+            .or_else(|| decodes(record::decode::<PendingRecord>(v).map(|_| ()))),
+        Some(b'I') => {
+            key_ok(k.get(1..9).and_then(u64_of).is_some() && k.get(9..).and_then(keydec).is_some())
+        }
+        Some(b'E') => {
+            (u64_of(v).is_none()).then(|| format!("entity count {:?} is malformed", show()))
+        }
+        Some(b'D') => key_ok(keydec(&k[1..]).is_some())
+            .or_else(|| decodes(record::decode::<DeliveredRecord>(v).map(|_| ()))),
+        Some(b'T') => decodes(record::decode::<TombstoneRecord>(v).map(|_| ())),
+        Some(b'S') => decodes(record::decode::<SuspectRecord>(v).map(|_| ())),
+        Some(b'Q') => key_ok(keydec(&k[1..]).is_some())
+            .or_else(|| decodes(record::decode::<QuarantineRecord>(v).map(|_| ()))),
+        Some(b'X') => None,
+        _ => Some(format!("unknown record {:?}", show())),
+    }
+}
+
+/// When the format record is malformed (not 4 bytes): `Some(why)` if another record fails
+/// this build's checks too, i.e. the data may not be of this version and the store must be
+/// moved aside; `None` when the format record is well formed or absent, or when everything
+/// else is sound (then `from_db` repairs the format record in place). Reads every record, but
+/// only on this damage path: a well-formed store costs one `get`.
+fn unsound_beside_malformed_format(db: &sled::Db) -> Result<Option<String>, StoreError> {
+    match db.get(META_FORMAT).map_err(StoreError::storage)? {
+        Some(v) if v.len() != 4 => {}
+        _ => return Ok(None),
+    }
+    for item in db.iter() {
+        let (k, v) = match item {
+            Ok(kv) => kv,
+            Err(e) => return Ok(Some(format!("a read failed: {e}"))),
+        };
+        if k.as_ref() == META_FORMAT {
+            continue;
+        }
+        if let Some(why) = record_problem(&k, &v) {
+            return Ok(Some(why));
         }
     }
-    let _ = db.flush();
+    Ok(None)
+}
+
+/// The ordinal after the highest one in the `X` area (0 when empty).
+fn next_corrupt_ordinal(db: &sled::Db) -> Result<u64, StoreError> {
+    Ok(match db.scan_prefix(b"X").keys().next_back() {
+        None => 0,
+        Some(k) => {
+            let k = k.map_err(StoreError::storage)?;
+            k.get(1..9)
+                .and_then(u64_of)
+                .map_or(0, |o| o.saturating_add(1))
+        }
+    })
+}
+
+/// Rebuilds the records derived from `P` (the delivery index `I`, the entity counts `E`) and
+/// recounts the counters that describe contents, then removes [`META_REBUILD`]. A salvage cut
+/// short (a read error ends it; records are copied in key order, so `E` and `I` come before
+/// the `P` records they describe) or a crash during it leaves them not matching what was
+/// copied. Idempotent: a crash during the rebuild redoes it at the next open. Returns the
+/// counters as written; the history counters (superseded, delivered, ...) are kept.
+fn rebuild_derived(db: &sled::Db, counters: Counters) -> Result<Counters, StoreError> {
+    const BATCH_MAX: usize = 10_000;
+    let mut batch = sled::Batch::default();
+    let mut in_batch = 0usize;
+    let push = |batch: &mut sled::Batch, in_batch: &mut usize| -> Result<(), StoreError> {
+        *in_batch += 1;
+        if *in_batch >= BATCH_MAX {
+            db.apply_batch(std::mem::take(batch))
+                .map_err(StoreError::storage)?;
+            *in_batch = 0;
+        }
+        Ok(())
+    };
+    for prefix in [b"I", b"E"] {
+        for k in db.scan_prefix(prefix).keys() {
+            batch.remove(k.map_err(StoreError::storage)?);
+            push(&mut batch, &mut in_batch)?;
+        }
+    }
+    db.apply_batch(std::mem::take(&mut batch))
+        .map_err(StoreError::storage)?;
+    in_batch = 0;
+    // `P` keys of one entity are adjacent (keyenc starts with the entity), so the counts need
+    // no map: one entity at a time.
+    let mut bad: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
+    let mut pending_keys = 0u64;
+    let mut entities = 0u64;
+    let mut current: Option<(String, u64)> = None;
+    for item in db.scan_prefix(b"P") {
+        let (k, v) = item.map_err(StoreError::storage)?;
+        let (Some(key), Ok(p)) = (keydec(&k[1..]), record::decode::<PendingRecord>(&v)) else {
+            bad.push((k.to_vec(), v.to_vec()));
+            continue;
+        };
+        pending_keys += 1;
+        batch.insert(index_key(p.first_seq, &key), &[] as &[u8]);
+        push(&mut batch, &mut in_batch)?;
+        match &mut current {
+            Some((e, n)) if *e == key.entity => *n += 1,
+            _ => {
+                if let Some((e, n)) = current.take() {
+                    batch.insert(simple_key(b'E', &e), &n.to_be_bytes());
+                    push(&mut batch, &mut in_batch)?;
+                }
+                entities += 1;
+                current = Some((key.entity.clone(), 1));
+            }
+        }
+    }
+    if let Some((e, n)) = current.take() {
+        batch.insert(simple_key(b'E', &e), &n.to_be_bytes());
+    }
+    db.apply_batch(std::mem::take(&mut batch))
+        .map_err(StoreError::storage)?;
+    let mut c = counters;
+    let mut ordinal = next_corrupt_ordinal(db)?;
+    let newly_set_aside = bad.len() as u64;
+    let mut last = sled::Batch::default();
+    for (k, v) in bad {
+        tracing::error!(key = %String::from_utf8_lossy(&k), "corrupt pending record set aside while rebuilding");
+        last.remove(k.clone());
+        last.insert(corrupt_key(ordinal, &k), v);
+        ordinal += 1;
+    }
+    c.pending_keys = pending_keys;
+    c.pending_entities = entities;
+    c.quarantine_keys = db.scan_prefix(b"Q").count() as u64;
+    // The `X` area after this batch: what is there plus what this batch sets aside.
+    c.corrupt_set_aside = db.scan_prefix(b"X").count() as u64 + newly_set_aside;
+    last.insert(META_COUNTERS, record::encode(&c));
+    last.remove(META_REBUILD);
+    db.apply_batch(last).map_err(StoreError::storage)?;
+    tracing::warn!(
+        pending_keys = c.pending_keys,
+        pending_entities = c.pending_entities,
+        quarantine_keys = c.quarantine_keys,
+        corrupt_set_aside = c.corrupt_set_aside,
+        "derived records rebuilt and counters recounted from the salvaged contents"
+    );
+    Ok(c)
+}
+
+/// What a salvage did.
+struct Salvage {
+    /// Records copied as they were.
+    copied: u64,
+    /// Records that failed this build's checks, put in the `X` area instead.
+    set_aside: u64,
+}
+
+/// Copies every readable record of a store sled could not open into `db` (a fresh store),
+/// best effort: up to the first read error, in key order. Records failing this build's checks
+/// are set aside in `X` (the format record too when malformed: the fresh store gets this
+/// build's); a source whose well-formed format record names a NEWER version is copied as it is
+/// without checks (that data is never interpreted; `from_db` then refuses the store). The
+/// fresh store is marked with [`META_REBUILD`] first, so its derived records and counters are
+/// rebuilt from what was copied (by `from_db`, also after a crash here).
+fn salvage_into(aside: &Path, db: &sled::Db) -> Result<Salvage, StoreError> {
+    let mut salvage = Salvage {
+        copied: 0,
+        set_aside: 0,
+    };
+    let Some(old) = open_for_salvage(aside) else {
+        return Ok(salvage);
+    };
+    let newer = old.get(META_FORMAT).ok().flatten().is_some_and(|v| {
+        <[u8; 4]>::try_from(v.as_ref()).is_ok_and(|b| u32::from_be_bytes(b) > FORMAT_VERSION)
+    });
+    if !newer {
+        db.insert(META_REBUILD, &[] as &[u8])
+            .map_err(StoreError::storage)?;
+    }
+    let mut bad: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
+    for item in old.iter() {
+        let (k, v) = match item {
+            Ok(kv) => kv,
+            Err(e) => {
+                tracing::error!(error = %e, "salvage cut short by a read error");
+                break;
+            }
+        };
+        if k.as_ref() == META_REBUILD {
+            // The old store's own unfinished rebuild: this salvage marks the fresh store.
+            continue;
+        }
+        if !newer {
+            if let Some(why) = record_problem(&k, &v) {
+                tracing::error!(problem = %why, "salvage: record failing checks set aside");
+                bad.push((k.to_vec(), v.to_vec()));
+                continue;
+            }
+        }
+        db.insert(k, v).map_err(StoreError::storage)?;
+        salvage.copied += 1;
+    }
+    // After the copy: copied `X` records keep their ordinals, these follow them.
+    let mut ordinal = next_corrupt_ordinal(db)?;
+    for (k, v) in bad {
+        db.insert(corrupt_key(ordinal, &k), v)
+            .map_err(StoreError::storage)?;
+        ordinal += 1;
+        salvage.set_aside += 1;
+    }
+    db.flush().map_err(StoreError::storage)?;
     drop(old);
     let scratch = salvage_scratch(aside);
     if scratch.exists() {
         let _ = std::fs::remove_dir_all(&scratch);
     }
-    copied
+    Ok(salvage)
+}
+
+/// Opens the moved-aside store for reading: as it is (retrying while sled threads of a handle
+/// this process just dropped still hold its lock), else a copy without its `conf` file.
+fn open_for_salvage(aside: &Path) -> Option<sled::Db> {
+    let mut tries = 0;
+    let e = loop {
+        match sled::Config::new().path(aside).open() {
+            Ok(old) => return Some(old),
+            Err(e) if is_lock_error(&e) && tries < 200 => {
+                tries += 1;
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(e) => break e,
+        }
+    };
+    // A damaged `conf` file alone makes sled refuse a store whose data is intact; the settings
+    // it records are sled's defaults, which we never change. Reading a copy without it
+    // recovers everything and leaves the moved-aside store as it was found.
+    let old = open_without_conf(aside);
+    if old.is_none() {
+        tracing::error!(error = %e, "moved-aside store cannot be read: nothing salvaged");
+    }
+    old
 }
 
 fn salvage_scratch(aside: &Path) -> PathBuf {

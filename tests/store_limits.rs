@@ -260,3 +260,63 @@ fn full_store_accepts_an_update_of_a_key_added_earlier_in_the_same_commit_group(
     assert_clean(&store);
     store.close().unwrap();
 }
+
+/// Rewrites of pending keys sit in the uncompacted log and count against the limit until they
+/// are folded (the log's keys are not known without reading it). A new key arriving then must
+/// be judged on the count AFTER the fold: before, it got a false "full" (HTTP 507) from a
+/// store one key below its limit.
+#[test]
+fn a_new_key_is_accepted_after_the_fold_shows_room_and_refused_when_there_is_none() {
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = open(dir.path(), limited(4));
+    // Three keys pending (compacted): one below the limit.
+    store
+        .ingest_blocking(vec![set(
+            "e1",
+            1,
+            &[("a", json!(0)), ("b", json!(0)), ("c", json!(0))],
+        )])
+        .unwrap();
+    store.compact_all().unwrap();
+    assert_eq!(store.stats().pending_keys, 3);
+    // Many rewrites of the pending keys, left in the log (no compactor thread in these tests:
+    // folding happens only when a test or `admit` asks for it). Each is accepted: the keys
+    // are held.
+    for ts in 2..=21u64 {
+        store
+            .ingest_blocking(vec![set("e1", ts, &[("a", json!(ts)), ("b", json!(ts))])])
+            .unwrap();
+    }
+    assert_eq!(store.stats().log_backlog, 20);
+    // 3 pending + 40 log keys looks full; after the fold it is 3 + 1 <= 4: accepted.
+    store
+        .ingest_blocking(vec![set("e2", 30, &[("n", json!("new"))])])
+        .unwrap();
+
+    // Now at the limit, with rewrites in the log again: a new key is still refused after the
+    // fold (4 + 1 > 4), and the rewrites stay accepted.
+    for ts in 40..=49u64 {
+        store
+            .ingest_blocking(vec![set("e1", ts, &[("c", json!(ts))])])
+            .unwrap();
+    }
+    let r = store.ingest_blocking(vec![set("e3", 50, &[("m", json!(1))])]);
+    assert!(is_full(&r, "pending keys"), "a new key at the limit: {r:?}");
+    store.compact_all().unwrap();
+    let p = pending(&store);
+    assert_eq!(p.len(), 4, "{p:?}");
+    // Nothing accepted was dropped: the newest of every key.
+    assert_eq!(p[&("e1".into(), "a".into())], (json!(21), 21));
+    assert_eq!(p[&("e1".into(), "b".into())], (json!(21), 21));
+    assert_eq!(p[&("e1".into(), "c".into())], (json!(49), 49));
+    assert_eq!(p[&("e2".into(), "n".into())], (json!("new"), 30));
+    assert!(!p.contains_key(&("e3".into(), "m".into())));
+    let s = store.stats();
+    assert_eq!(
+        s.superseded,
+        2 * 20 + 10,
+        "every rewrite superseded one value"
+    );
+    assert_clean(&store);
+    store.close().unwrap();
+}

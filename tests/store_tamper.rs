@@ -10,7 +10,7 @@ use std::path::Path;
 use common::*;
 use flux_outbox::model::PropKey;
 use flux_outbox::record::FORMAT_VERSION;
-use flux_outbox::store::{Outcome, Store, StoreError, STORE_DIR};
+use flux_outbox::store::{Outcome, Store, StoreError, ACKED_SEQ_FILE, STORE_DIR};
 use serde_json::json;
 
 /// The `P` key of (entity, property), as the store's module doc lays it out.
@@ -281,11 +281,74 @@ fn a_newer_format_is_refused_and_left_untouched() {
     std::thread::sleep(std::time::Duration::from_millis(100));
     drop(open_raw_retry(&store_path));
     assert_eq!(raw_contents(&store_path), before, "records changed");
-    let entries: Vec<String> = std::fs::read_dir(dir.path())
+    assert_eq!(
+        dir_entries(dir.path()),
+        [ACKED_SEQ_FILE, STORE_DIR],
+        "nothing moved aside"
+    );
+}
+
+/// The names in a data directory, sorted. Besides the store it holds [`ACKED_SEQ_FILE`] (the
+/// loss check's record), written at every open.
+fn dir_entries(data_dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(data_dir)
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .collect();
-    assert_eq!(entries, [STORE_DIR], "nothing moved aside");
+    names.sort();
+    names
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
+/// The moved-aside store is `store.corrupt-<epoch ms>` beside the fresh one, named at the time
+/// of the open, and exists.
+fn assert_corrupt_name(data_dir: &Path, aside: &Path, before_ms: u64, after_ms: u64) {
+    assert_eq!(aside.parent(), Some(data_dir), "{aside:?}");
+    assert!(aside.is_dir(), "{aside:?} missing");
+    let name = aside.file_name().unwrap().to_str().unwrap();
+    let ms = name
+        .strip_prefix(&format!("{STORE_DIR}.corrupt-"))
+        .unwrap_or_else(|| panic!("name {name:?}"));
+    assert!(ms.bytes().all(|b| b.is_ascii_digit()), "name {name:?}");
+    let ms: u64 = ms.parse().unwrap();
+    assert!(
+        (before_ms..=after_ms).contains(&ms),
+        "{ms} not within the open ({before_ms}..={after_ms})"
+    );
+}
+
+fn scratch_of(aside: &Path) -> std::path::PathBuf {
+    let mut name = aside.as_os_str().to_owned();
+    name.push(".salvage");
+    name.into()
+}
+
+/// Names in the data directory that are moved-aside stores.
+fn moved_aside(data_dir: &Path) -> Vec<String> {
+    std::fs::read_dir(data_dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(&format!("{STORE_DIR}.")))
+        .collect()
+}
+
+/// Closes the store, writes `f`'s changes straight into its sled tree (as damage would), and
+/// waits until sled let go of it.
+fn damage_closed(store: Store, dir: &Path, f: impl FnOnce(&sled::Db)) {
+    store.close().unwrap();
+    drop(store);
+    let path = dir.join(STORE_DIR);
+    let db = open_raw_retry(&path);
+    f(&db);
+    db.flush().unwrap();
+    drop(db);
+    drop(open_raw_retry(&path));
 }
 
 fn open_raw_retry(path: &Path) -> sled::Db {
@@ -308,13 +371,16 @@ fn a_store_sled_cannot_open_is_moved_aside_and_replaced() {
     let store_path = dir.path().join(STORE_DIR);
     std::fs::write(store_path.join("conf"), b"this is not a sled config").unwrap();
 
+    let before_ms = now_ms();
     let (store, report) = open(dir.path(), fast_opts());
+    let after_ms = now_ms();
     let aside = report.moved_aside_to.clone().expect("moved aside");
-    assert!(aside.starts_with(dir.path()) && aside.exists());
+    assert_corrupt_name(dir.path(), &aside, before_ms, after_ms);
     assert!(report.open_error.is_some());
     // Only the config file was damaged: every record is salvaged into the fresh store.
     // (M format, next_seq, counters; per key P, I, E.)
     assert_eq!(report.salvaged_records, 3 + 3 * 3, "{report:?}");
+    assert_eq!(report.salvage_set_aside, 0, "{report:?}");
     assert_eq!(store.stats().pending_keys, 3);
     assert_clean(&store);
     // The moved-aside copy is kept as found, and no scratch copy is left behind.
@@ -322,7 +388,11 @@ fn a_store_sled_cannot_open_is_moved_aside_and_replaced() {
         std::fs::read(aside.join("conf")).unwrap(),
         b"this is not a sled config"
     );
-    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 2);
+    let aside_name = aside.file_name().unwrap().to_string_lossy().into_owned();
+    assert_eq!(
+        dir_entries(dir.path()),
+        [ACKED_SEQ_FILE, STORE_DIR, aside_name.as_str()]
+    );
     // A working store: the worker keeps going.
     store
         .ingest_blocking(vec![set("n", 1, &[("p", json!(1))])])
@@ -351,7 +421,7 @@ fn a_running_store_is_reported_locked_not_moved_aside() {
         Err(e) => panic!("expected Locked, got {e}"),
         Ok((_, r)) => panic!("second open succeeded: {r:?}"),
     }
-    assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 1);
+    assert_eq!(dir_entries(dir.path()), [ACKED_SEQ_FILE, STORE_DIR]);
     assert_eq!(store.stats().pending_keys, 3);
 }
 
@@ -367,8 +437,29 @@ fn a_store_with_garbage_files_is_moved_aside_and_a_fresh_one_works() {
     std::fs::write(store_path.join("conf"), &garbage[..100]).unwrap();
     std::fs::write(store_path.join("db"), &garbage).unwrap();
 
+    let before_ms = now_ms();
     let (store, report) = open(dir.path(), fast_opts());
-    assert!(report.moved_aside_to.is_some(), "{report:?}");
+    let after_ms = now_ms();
+    let aside = report.moved_aside_to.clone().expect("moved aside");
+    assert_corrupt_name(dir.path(), &aside, before_ms, after_ms);
+    assert!(report.open_error.is_some(), "{report:?}");
+    // Neither the store nor a copy without its conf opens: nothing is salvaged, the fresh store
+    // starts empty, and the moved-aside files are kept as found for the operator.
+    assert_eq!(
+        (report.salvaged_records, report.salvage_set_aside),
+        (0, 0),
+        "{report:?}"
+    );
+    let s = store.stats();
+    assert_eq!(
+        (s.pending_keys, s.quarantine_keys, s.corrupt_set_aside),
+        (0, 0, 0)
+    );
+    assert_eq!(std::fs::read(aside.join("db")).unwrap(), garbage);
+    assert!(
+        !scratch_of(&aside).exists(),
+        "salvage scratch copy left behind"
+    );
     store
         .ingest_blocking(vec![set("n", 1, &[("p", json!(1))])])
         .unwrap();
@@ -409,8 +500,215 @@ fn a_torn_snapshot_file_does_not_make_the_store_look_corrupt() {
         .unwrap()
         .filter_map(|e| e.ok())
         .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|n| n != STORE_DIR)
+        .filter(|n| n != STORE_DIR && n != ACKED_SEQ_FILE)
         .collect();
     assert!(left.is_empty(), "nothing may be moved aside: {left:?}");
     store.close().unwrap();
+}
+
+/// A format record that is not 4 bytes is damage, not a newer version: with every other record
+/// sound, it is set aside (counted, its bytes kept) and rewritten in place; nothing moves.
+/// (It used to read as version u32::MAX: "newer format", the worker refused to start, and
+/// systemd restarted it into the same refusal.)
+#[test]
+fn a_malformed_format_record_of_a_sound_store_is_set_aside_and_rewritten() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = three_pending(dir.path());
+    damage_closed(store, dir.path(), |db| {
+        db.insert(b"Mformat_version", &[0u8, 0, 1][..]).unwrap();
+    });
+
+    let (store, report) = open(dir.path(), fast_opts());
+    assert!(report.format_record_repaired, "{report:?}");
+    assert!(report.moved_aside_to.is_none(), "{report:?}");
+    assert!(moved_aside(dir.path()).is_empty());
+    let db = store.raw_db();
+    assert_eq!(
+        db.get(b"Mformat_version").unwrap().unwrap().as_ref(),
+        FORMAT_VERSION.to_be_bytes()
+    );
+    let x: Vec<_> = db.scan_prefix(b"X").map(|kv| kv.unwrap()).collect();
+    assert_eq!(x.len(), 1);
+    assert!(x[0].0.ends_with(b"Mformat_version"), "{:?}", x[0].0);
+    assert_eq!(x[0].1.as_ref(), [0u8, 0, 1]);
+    drop((x, db));
+    let s = store.stats();
+    assert_eq!(s.corrupt_set_aside, 1);
+    assert_eq!((s.pending_keys, s.pending_entities), (3, 3));
+    assert_eq!(s.format_version, FORMAT_VERSION);
+    assert_clean(&store);
+
+    // Repaired for good: the next open finds nothing to do, and the worker carries on.
+    let c = store.claim(ALL).unwrap().unwrap();
+    assert_eq!(c.events.len(), 3);
+    deliver_all(&store, &c);
+    store.close().unwrap();
+    drop(store);
+    let (store, report) = open(dir.path(), fast_opts());
+    assert!(!report.format_record_repaired, "{report:?}");
+    let s = store.stats();
+    assert_eq!(
+        (s.corrupt_set_aside, s.pending_keys, s.delivered),
+        (1, 0, 3)
+    );
+    assert_clean(&store);
+}
+
+/// A malformed format record beside another record that fails this build's checks: the data's
+/// version is unknown, so the store is kept as found (moved aside) and only what passes the
+/// checks becomes live in the fresh store; the bad records are set aside there, counted.
+#[test]
+fn a_malformed_format_record_beside_a_bad_record_moves_the_store_aside_and_salvages() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = three_pending(dir.path());
+    let bad_p = pkey(b'P', "e2", "p");
+    damage_closed(store, dir.path(), |db| {
+        db.insert(b"Mformat_version", &[0u8, 0, 0, 1, 0][..])
+            .unwrap();
+        let mut v = db.get(&bad_p).unwrap().unwrap().to_vec();
+        v[0] = 9; // an envelope version this build does not read
+        db.insert(&bad_p, v).unwrap();
+    });
+
+    let before_ms = now_ms();
+    let (store, report) = open(dir.path(), fast_opts());
+    let after_ms = now_ms();
+    let aside = report.moved_aside_to.clone().expect("moved aside");
+    assert_corrupt_name(dir.path(), &aside, before_ms, after_ms);
+    assert!(
+        report.open_error.as_deref().unwrap().contains("format"),
+        "{report:?}"
+    );
+    assert!(!report.format_record_repaired);
+    // Of 12 records (M format, next_seq, counters; P, I, E per key) the format record and
+    // e2's P are set aside; the other 10 are copied.
+    assert_eq!(
+        (report.salvaged_records, report.salvage_set_aside),
+        (10, 2),
+        "{report:?}"
+    );
+    let s = store.stats();
+    assert_eq!(s.corrupt_set_aside, 2);
+    assert_eq!(x_records(&store), 2);
+    // e2's index entry and entity count described the value set aside: rebuilt without it.
+    assert_eq!((s.pending_keys, s.pending_entities), (2, 2));
+    let p = pending(&store);
+    assert_eq!(
+        p.keys().map(|k| k.0.as_str()).collect::<Vec<_>>(),
+        ["e1", "e3"]
+    );
+    assert_eq!(
+        store
+            .raw_db()
+            .get(b"Mformat_version")
+            .unwrap()
+            .unwrap()
+            .as_ref(),
+        FORMAT_VERSION.to_be_bytes()
+    );
+    assert_clean(&store);
+    assert!(!scratch_of(&aside).exists());
+    store.close().unwrap();
+    drop(store);
+    // The moved-aside store is kept exactly as found.
+    let old = raw_contents(&aside);
+    assert_eq!(old[b"Mformat_version".as_slice()], [0u8, 0, 0, 1, 0]);
+    assert_eq!(old[&bad_p][0], 9);
+    assert_eq!(old.len(), 12);
+}
+
+/// Salvage reads in key order up to the first read error, so one cut short copies the entity
+/// counts, index entries and counters (E, I, M sort before P) of pending values it never
+/// reached. The moved-aside store here holds exactly that state (e2's and e3's P records are
+/// gone); the fresh store must describe what it holds, not what the copied counters say.
+#[test]
+fn a_salvage_cut_short_is_recounted_and_reindexed_from_what_it_copied() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = three_pending(dir.path());
+    // History counters, which a recount must keep.
+    let c = store.claim(ALL).unwrap().unwrap();
+    let e1 = c.events.iter().find(|e| e.entity == "e1").unwrap().clone();
+    settle_all(
+        &store,
+        &flux_outbox::store::Claim { events: vec![e1] },
+        || None,
+    );
+    store.release(&c);
+    store
+        .ingest_blocking(vec![set("e1", 20, &[("p", json!("again"))])])
+        .unwrap();
+    store
+        .ingest_blocking(vec![set("e1", 21, &[("p", json!("newest"))])])
+        .unwrap();
+    store.compact_all().unwrap();
+    let s = store.stats();
+    assert_eq!((s.pending_keys, s.delivered, s.superseded), (3, 1, 1));
+    damage_closed(store, dir.path(), |db| {
+        db.remove(pkey(b'P', "e2", "p")).unwrap();
+        db.remove(pkey(b'P', "e3", "p")).unwrap();
+    });
+    std::fs::write(
+        dir.path().join(STORE_DIR).join("conf"),
+        b"not a sled config",
+    )
+    .unwrap();
+
+    let (store, report) = open(dir.path(), fast_opts());
+    assert!(report.moved_aside_to.is_some(), "{report:?}");
+    // M format, next_seq, counters; D e1; E, I for e1, e2, e3; P e1.
+    assert_eq!(
+        (report.salvaged_records, report.salvage_set_aside),
+        (3 + 1 + 3 + 3 + 1, 0),
+        "{report:?}"
+    );
+    let s = store.stats();
+    assert_eq!((s.pending_keys, s.pending_entities), (1, 1));
+    assert_eq!((s.quarantine_keys, s.corrupt_set_aside), (0, 0));
+    assert_eq!((s.delivered, s.superseded), (1, 1), "history kept");
+    assert_clean(&store);
+    assert!(store.raw_db().get(b"Mrebuild_derived").unwrap().is_none());
+    let c = store.claim(ALL).unwrap().unwrap();
+    assert_eq!(c.events.len(), 1);
+    assert_eq!(c.events[0].entity, "e1");
+    assert_eq!(c.events[0].props[0].value, json!("newest"));
+    deliver_all(&store, &c);
+    let store = restart(store, dir.path());
+    let s = store.stats();
+    assert_eq!((s.pending_keys, s.pending_entities, s.delivered), (0, 0, 2));
+    assert_clean(&store);
+}
+
+/// A record failing its checks in a store sled cannot open is set aside by the salvage (not
+/// copied as live), counted, and its index entry and entity count do not survive it.
+#[test]
+fn salvage_sets_aside_a_record_that_fails_its_checks() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = three_pending(dir.path());
+    let bad = pkey(b'P', "e3", "p");
+    damage_closed(store, dir.path(), |db| {
+        let mut v = db.get(&bad).unwrap().unwrap().to_vec();
+        flip_last_byte(&mut v);
+        db.insert(&bad, v).unwrap();
+    });
+    std::fs::write(
+        dir.path().join(STORE_DIR).join("conf"),
+        b"not a sled config",
+    )
+    .unwrap();
+
+    let (store, report) = open(dir.path(), fast_opts());
+    assert!(report.moved_aside_to.is_some(), "{report:?}");
+    assert_eq!(
+        (report.salvaged_records, report.salvage_set_aside),
+        (11, 1),
+        "{report:?}"
+    );
+    let s = store.stats();
+    assert_eq!(
+        (s.pending_keys, s.pending_entities, s.corrupt_set_aside),
+        (2, 2, 1)
+    );
+    let (k, _) = store.raw_db().scan_prefix(b"X").next().unwrap().unwrap();
+    assert!(k.ends_with(&bad), "{k:?}");
+    assert_clean(&store);
 }

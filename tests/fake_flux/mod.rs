@@ -99,6 +99,17 @@ impl Rig {
         }
     }
 
+    /// Stops the flusher and starts a new one on the same store and metrics with `client` and
+    /// `opts`, e.g. a client with a longer timeout for a phase that must see every answer. The
+    /// flusher's convergence memory is in the store, so the new one carries it on.
+    pub async fn replace_flusher(&mut self, client: FluxClient, opts: FlushOptions) {
+        self.stop().await;
+        let (stop, _) = watch::channel(false);
+        self.stop = stop;
+        self.flusher = Flusher::new(self.store.clone(), client, opts, self.metrics.clone());
+        self.run();
+    }
+
     /// Ingests and waits until the log is folded into the pending set.
     pub async fn ingest(&self, updates: Vec<flux_outbox::model::Update>) {
         self.store.ingest(updates).await.expect("ingest");

@@ -6,8 +6,12 @@
 //!   value: a no-op, or a conflict kept remote by policy). Everything else keeps it pending.
 //! - One poison event never blocks the rest: a whole-batch 400 or a 413 splits the batch until
 //!   the bad event stands alone, and only it is quarantined.
-//! - Token problems (401/403, `authorization failed` with no success in the same answer) never
-//!   quarantine: the worker pauses at the slow backoff and reports the link as `auth_failed`.
+//! - Token problems (401/403, `authorization failed` for a well-formed id with no success in the
+//!   same answer) never quarantine: the worker pauses at the slow backoff and reports the link as
+//!   `auth_failed`. An `authorization failed` that blames the entity id itself (more than one
+//!   slash, no namespace: [`EventOutcome::is_permanent`]) is quarantined whatever else the
+//!   answer holds; a well-formed id refused while another event of the same answer succeeded
+//!   (an id outside the token's namespace) is quarantined too.
 //! - An unknown outcome (500, `publish failed`, timeouts, resets) keeps the key, backs off with
 //!   jitter, and marks the ENTITY suspect: Flux may still apply that write late (see
 //!   "Convergence" below).
@@ -853,6 +857,19 @@ impl Flusher {
                                 tracing::warn!(entity = %ev.entity, %reason, "Flux rejected an event: quarantined");
                                 quarantine_event(ev, props, reason, Some(200), out);
                             }
+                            // The id itself is unusable (public mode wants exactly
+                            // `namespace/rest`): no token can ever make it pass, so it must not
+                            // hold the link paused, even when nothing else in the answer
+                            // succeeded (a batch of only such ids would otherwise block every
+                            // entity claimed after it, forever).
+                            EventOutcome::AuthFailed { reason } if r.is_permanent() => {
+                                self.metrics.events("auth_failed_entity", 1);
+                                tracing::warn!(entity = %ev.entity, %reason, "Flux refused this entity id: quarantined");
+                                quarantine_event(ev, props, reason, Some(200), out);
+                            }
+                            // A well-formed id refused (e.g. outside the token's namespace) looks
+                            // exactly like a wrong token; only a success with the same token in
+                            // the same answer proves the failure belongs to the entity.
                             EventOutcome::AuthFailed { reason } if any_applied => {
                                 self.metrics.events("auth_failed_entity", 1);
                                 tracing::warn!(entity = %ev.entity, %reason, "Flux refused this entity with a token that works for others: quarantined");

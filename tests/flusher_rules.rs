@@ -234,6 +234,80 @@ async fn per_event_auth_failure_without_success_keeps_keys_with_success_quaranti
     assert!(sim.entity("acme/ok-1").is_some() && sim.entity("acme/ok-2").is_some());
 }
 
+/// A batch holding ONLY ids Flux refuses as ids (`authorization failed: Invalid entity ID`) has
+/// no success to prove the token works; those ids can never pass with any token, so they are
+/// quarantined anyway and the good entities claimed after them are delivered. A genuine token
+/// problem (well-formed ids, every event refused) still quarantines nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batch_of_only_bad_entity_ids_is_quarantined_and_does_not_block_good_entities() {
+    let sim = start_sim(SimConfig {
+        public: true,
+        ..SimConfig::default()
+    })
+    .await;
+    let acme = sim.register_namespace("acme");
+    let opts = FlushOptions {
+        batch_events_max: 2,
+        in_flight_max: 1,
+        ..fast_opts()
+    };
+    let rig = Rig::new(
+        client(&sim.url(), Some(&acme), Duration::from_secs(5)),
+        opts.clone(),
+    );
+    // Ingested first, so claimed first, and alone in their batch of two.
+    rig.ingest(vec![
+        set("acme/a/b", TS, &[("v", json!(1))]),
+        set("no-namespace", TS, &[("v", json!(2))]),
+    ])
+    .await;
+    rig.ingest(vec![
+        set("acme/ok-1", TS, &[("v", json!(3))]),
+        set("acme/ok-2", TS, &[("v", json!(4))]),
+    ])
+    .await;
+    for _ in 0..4 {
+        if rig.store.stats().pending_keys == 0 {
+            break;
+        }
+        rig.flusher.drain_once().await;
+    }
+    let mut q: Vec<String> = rig
+        .store
+        .quarantine_rows(None, 10)
+        .expect("q")
+        .into_iter()
+        .map(|r| r.entity)
+        .collect();
+    q.sort();
+    assert_eq!(q, vec!["acme/a/b".to_string(), "no-namespace".to_string()]);
+    assert_eq!(rig.store.stats().pending_keys, 0);
+    assert_eq!(
+        sim.entity("acme/ok-1").expect("ok-1").properties["v"],
+        json!(3)
+    );
+    assert_eq!(
+        sim.entity("acme/ok-2").expect("ok-2").properties["v"],
+        json!(4)
+    );
+    assert_ne!(rig.metrics.link(), LinkState::AuthFailed);
+
+    // A wrong token with well-formed ids: every event refused, nothing quarantined.
+    let rig = Rig::new(
+        client(&sim.url(), Some("not-a-token"), Duration::from_secs(5)),
+        opts,
+    );
+    rig.ingest(vec![
+        set("acme/x", TS, &[("v", json!(1))]),
+        set("acme/y", TS, &[("v", json!(2))]),
+    ])
+    .await;
+    assert_eq!(rig.flusher.drain_once().await, LinkVerdict::Auth);
+    assert_eq!(rig.store.stats().quarantine_keys, 0);
+    assert_eq!(rig.store.stats().pending_keys, 2);
+    assert_eq!(rig.metrics.link(), LinkState::AuthFailed);
+}
+
 #[test]
 fn retry_after_is_honoured_and_bounded() {
     let opts = fast_opts();

@@ -89,6 +89,8 @@ use crate::store::{Claim, ClaimLimits, ClaimedEvent, ClaimedProp, Outcome, Settl
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum MergeMode {
     ReadMergeWrite,
+    /// No read before a property write (metered links). Entity deletes are still read first:
+    /// see `survivors_of_delete`.
     Blind,
 }
 
@@ -522,43 +524,48 @@ impl Flusher {
         out: &mut Vec<Settlement>,
         sent: &mut HashMap<PropKey, Value>,
     ) -> LinkVerdict {
-        // 1. Read Flux's current state of every entity (bounded concurrency).
-        let remote: HashMap<String, Option<crate::flux_client::EntityState>> =
-            if self.opts.merge == MergeMode::ReadMergeWrite {
-                // Deletes are read too: see `survivors_of_delete`.
-                // Results are looked at as they arrive: the first failure ends the batch's
-                // reads (dropping the stream cancels the reads in flight and starts no more),
-                // so a dead link costs at most `read_concurrency` requests per attempt, not one
-                // per entity of every claimed batch.
-                let ids: Vec<String> = events.iter().map(|e| e.entity.clone()).collect();
-                let mut reads = stream::iter(ids.into_iter().map(|id| async move {
-                    let r = self.client.get_entity(&id).await;
-                    (id, r)
-                }))
-                .buffer_unordered(self.opts.read_concurrency.max(1));
-                let mut map = HashMap::new();
-                while let Some((id, r)) = reads.next().await {
-                    self.metrics
-                        .reads
-                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    match r {
-                        Ok(state) => {
-                            map.insert(id, state);
-                        }
-                        Err(e) => {
-                            self.metrics
-                                .read_failures
-                                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                            let error = format!("read before write failed: {e}");
-                            retry_all(events, &error, out);
-                            return LinkVerdict::Unknown;
-                        }
+        // 1. Read Flux's current state of every entity (bounded concurrency). Blind mode reads
+        // only the entities of delete events: a late delete must not wipe properties delivered
+        // with newer versions (`survivors_of_delete`), and only a read tells which of them Flux
+        // holds. Deletes are rare, so a metered link still pays almost nothing for it.
+        let ids: Vec<String> = events
+            .iter()
+            .filter(|e| self.opts.merge == MergeMode::ReadMergeWrite || e.delete)
+            .map(|e| e.entity.clone())
+            .collect();
+        let remote: HashMap<String, Option<crate::flux_client::EntityState>> = if !ids.is_empty() {
+            // Results are looked at as they arrive: the first failure ends the batch's
+            // reads (dropping the stream cancels the reads in flight and starts no more),
+            // so a dead link costs at most `read_concurrency` requests per attempt, not one
+            // per entity of every claimed batch.
+            let mut reads = stream::iter(ids.into_iter().map(|id| async move {
+                let r = self.client.get_entity(&id).await;
+                (id, r)
+            }))
+            .buffer_unordered(self.opts.read_concurrency.max(1));
+            let mut map = HashMap::new();
+            while let Some((id, r)) = reads.next().await {
+                self.metrics
+                    .reads
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                match r {
+                    Ok(state) => {
+                        map.insert(id, state);
+                    }
+                    Err(e) => {
+                        self.metrics
+                            .read_failures
+                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        let error = format!("read before write failed: {e}");
+                        retry_all(events, &error, out);
+                        return LinkVerdict::Unknown;
                     }
                 }
-                map
-            } else {
-                HashMap::new()
-            };
+            }
+            map
+        } else {
+            HashMap::new()
+        };
 
         // 2. Plan each event.
         let mut planned: Vec<(FluxEvent, &ClaimedEvent, Map<String, Value>)> = Vec::new();

@@ -950,6 +950,35 @@ async fn delete_older_than_a_delivered_property_does_not_wipe_it() {
     assert_eq!(Value::Object(e.properties), json!({"new": 2}));
 }
 
+/// Blind mode skips reads for property writes only: a late delete still reads the entity, so
+/// it does not wipe a property delivered with a newer version.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blind_mode_delete_older_than_a_delivered_property_does_not_wipe_it() {
+    let sim = start_sim(SimConfig::default()).await;
+    let rig = Rig::new(
+        client(&sim.url(), None, Duration::from_secs(5)),
+        FlushOptions {
+            merge: MergeMode::Blind,
+            ..fast_opts()
+        },
+    );
+    rig.ingest(vec![
+        set("e", TS + 20, &[("new", json!(2))]),
+        set("e", TS, &[("old", json!(1))]),
+    ])
+    .await;
+    rig.flusher.drain_once().await;
+    assert_eq!(sim.stats().requests_read, 0, "property writes are not read");
+    rig.ingest(vec![delete("e", TS + 10)]).await;
+    rig.flusher.drain_once().await;
+    assert_eq!(rig.store.stats().pending_keys, 0);
+    let e = sim
+        .entity("e")
+        .expect("entity re-created with its newer property");
+    assert_eq!(Value::Object(e.properties), json!({"new": 2}));
+    assert_eq!(sim.stats().requests_read, 1, "one read, for the delete");
+}
+
 /// Byte-size trigger: with the interval and the count trigger out of reach, a burst of large
 /// values (more than `batch_bytes_max` acknowledged since the last flush) is sent at once.
 /// Without the trigger nothing would be sent for an hour and the wait below fails.

@@ -17,11 +17,16 @@
 //!    carries it as [`EntityPlan::tombstone`], always sent as `{"__deleted__": true}` ALONE in
 //!    its own event, whatever Flux holds (a read may be stale, and deleting twice is harmless).
 //!    It never appears in [`EntityPlan::properties_to_send`].
-//! 3. **Blind mode** ([`Remote::Blind`], no read was made) — `Send` our value as is, no merge.
-//! 4. **Entity absent** in Flux ([`Remote::Absent`], 404) — `Send` our value as is.
-//! 5. Otherwise compute the candidate: if our value and Flux's current value are both objects,
-//!    `merge_patch(flux_value, our_value)` (RFC 7386: fields others set inside survive; a `null`
-//!    member in our object removes that field); otherwise our value as is.
+//! 3. **Blind mode** ([`Remote::Blind`], no read was made) — `Send` `merge_patch({}, ours)`:
+//!    no merge with Flux's value (none was read), but an object value loses its `null`
+//!    members (recursively), as RFC 7386 gives for any target.
+//! 4. **Entity absent** in Flux ([`Remote::Absent`], 404) — `Send` `merge_patch({}, ours)`.
+//! 5. Otherwise compute the candidate `merge_patch(flux_value, our_value)`, Flux's value being
+//!    `null` when the property is absent (RFC 7386): a non-object value of ours replaces
+//!    Flux's whole; an object value of ours is merged onto Flux's object (fields others set
+//!    inside survive; a `null` member in our object removes that field), or, when Flux holds
+//!    no object, onto `{}` (RFC 7386: `merge_patch(non-object, patch) = merge_patch({}, patch)`,
+//!    so our `null` members are dropped, never stored: Flux itself would store them as null).
 //! 6. **NoOp** — the candidate equals what Flux already has: nothing to send, the key counts as
 //!    delivered.
 //! 7. **Conflict** — this worker delivered the key before (`delivered` is `Some`), Flux's value
@@ -235,18 +240,20 @@ pub fn plan_entity(
 }
 
 fn decide(remote: Remote<'_>, w: &PropertyWrite<'_>, policy: ConflictPolicy) -> Decision {
+    // Flux replaces a value whole, so what we send is what Flux will hold: send the RFC 7386
+    // result, never the raw patch (whose `null` members Flux would store instead of removing).
+    // The caller records the hash of exactly this value as delivered.
     let (properties, last_updated_ms) = match remote {
-        Remote::Blind | Remote::Absent => return Decision::Send(w.value.clone()),
+        Remote::Blind | Remote::Absent => {
+            return Decision::Send(merge_patch(&Value::Null, w.value));
+        }
         Remote::Present {
             properties,
             last_updated_ms,
         } => (properties, last_updated_ms),
     };
     let current = properties.get(w.name);
-    let candidate = match (current, w.value) {
-        (Some(cur @ Value::Object(_)), Value::Object(_)) => merge_patch(cur, w.value),
-        _ => w.value.clone(),
-    };
+    let candidate = merge_patch(current.unwrap_or(&Value::Null), w.value);
     if current == Some(&candidate) {
         return Decision::NoOp;
     }
@@ -359,16 +366,23 @@ mod tests {
     }
 
     #[test]
-    fn entity_absent_sends_all_as_is() {
-        let v1 = json!({"x": 1, "y": null});
+    fn entity_absent_sends_values_with_object_null_members_dropped() {
+        let v1 = json!({"x": 1, "y": null, "z": {"a": null, "b": 2}});
         let v2 = json!(5);
+        let v3 = json!(null);
         let plan = plan_entity(
             Remote::Absent,
-            &[w("obj", &v1, None), w("n", &v2, None)],
+            &[w("obj", &v1, None), w("n", &v2, None), w("nul", &v3, None)],
             &MergeOptions::default(),
         );
-        assert_eq!(plan.decisions["obj"], Decision::Send(v1.clone()));
+        // RFC 7386 against no target: merge_patch({}, patch) drops null members, recursively.
+        assert_eq!(
+            plan.decisions["obj"],
+            Decision::Send(json!({"x": 1, "z": {"b": 2}}))
+        );
         assert_eq!(plan.decisions["n"], Decision::Send(v2.clone()));
+        // A null VALUE (not a member of an object) replaces whole: Flux stores null.
+        assert_eq!(plan.decisions["nul"], Decision::Send(Value::Null));
         assert!(!plan.tombstone);
     }
 
@@ -381,6 +395,14 @@ mod tests {
             &MergeOptions::default(),
         );
         assert_eq!(plan.decisions["obj"], Decision::Send(v.clone()));
+        // Nothing was read: RFC 7386 against `{}`, so null members are still never stored.
+        let v = json!({"x": 1, "y": null});
+        let plan = plan_entity(
+            Remote::Blind,
+            &[w("obj", &v, None)],
+            &MergeOptions::default(),
+        );
+        assert_eq!(plan.decisions["obj"], Decision::Send(json!({"x": 1})));
     }
 
     #[test]
@@ -398,17 +420,42 @@ mod tests {
         );
     }
 
+    /// RFC 7386: merge_patch(non-object target, patch) = merge_patch({}, patch). Over a
+    /// non-object, or a property Flux does not have, our null members are dropped (recursively)
+    /// instead of being stored as null.
     #[test]
-    fn object_over_non_object_is_sent_as_is() {
-        let remote = obj(json!({"obj": 7}));
-        let ours = json!({"x": null, "y": 1});
+    fn object_over_non_object_or_absent_property_follows_rfc7386() {
+        let ours = json!({"x": null, "y": 1, "z": {"a": null, "b": {"c": null}}});
+        let want = json!({"y": 1, "z": {"b": {}}});
+        for remote in [
+            obj(json!({"obj": 7})),
+            obj(json!({"obj": [1, 2]})),
+            obj(json!({"obj": null})),
+            obj(json!({"other": 1})),
+        ] {
+            let plan = plan_entity(
+                present(&remote, 10),
+                &[w("obj", &ours, None)],
+                &MergeOptions::default(),
+            );
+            assert_eq!(
+                plan.decisions["obj"],
+                Decision::Send(want.clone()),
+                "remote {remote:?}"
+            );
+            assert_eq!(
+                plan.decisions["obj"],
+                Decision::Send(merge_patch(&json!({}), &ours))
+            );
+        }
+        // Flux already holds the RFC result: nothing to send.
+        let remote = obj(json!({"obj": {"y": 1, "z": {"b": {}}}}));
         let plan = plan_entity(
             present(&remote, 10),
             &[w("obj", &ours, None)],
             &MergeOptions::default(),
         );
-        // Not merged: the null member is kept exactly as we have it.
-        assert_eq!(plan.decisions["obj"], Decision::Send(ours.clone()));
+        assert_eq!(plan.decisions["obj"], Decision::NoOp);
     }
 
     #[test]

@@ -950,6 +950,54 @@ async fn delete_older_than_a_delivered_property_does_not_wipe_it() {
     assert_eq!(Value::Object(e.properties), json!({"new": 2}));
 }
 
+/// RFC 7386 when Flux holds no object for the property: our object's null members are dropped
+/// (Flux would store them as null), and the value recorded as delivered is what Flux holds, so
+/// the same value again is a no-op and a later change is not mistaken for a conflict.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn object_with_null_members_over_no_object_is_stored_as_rfc7386_says() {
+    let sim = start_sim(SimConfig::default()).await;
+    sim_write(&sim, "e", json!({"cfg": 7})).await;
+    let rig = Rig::new(
+        client(&sim.url(), None, Duration::from_secs(5)),
+        FlushOptions {
+            conflict_policy: ConflictPolicy::KeepRemote,
+            ..fast_opts()
+        },
+    );
+    let patch = json!({"mode": "auto", "limit": null, "pid": {"p": 1, "i": null}});
+    rig.ingest(vec![set(
+        "e",
+        TS,
+        &[("cfg", patch.clone()), ("fresh", patch.clone())],
+    )])
+    .await;
+    rig.flusher.drain_once().await;
+    let want = json!({"mode": "auto", "pid": {"p": 1}});
+    let e = sim.entity("e").expect("e");
+    assert_eq!(e.properties["cfg"], want, "over a non-object");
+    assert_eq!(e.properties["fresh"], want, "over an absent property");
+    let applied = sim.applied_count();
+    // The same value again: Flux holds exactly what was delivered, nothing to send.
+    rig.ingest(vec![set("e", TS + 1, &[("cfg", patch.clone())])])
+        .await;
+    rig.flusher.drain_once().await;
+    assert_eq!(sim.applied_count(), applied, "same value again is a no-op");
+    // A change of ours is ours, not another writer's: sent even under keep-remote.
+    rig.ingest(vec![set(
+        "e",
+        TS + 2,
+        &[("cfg", json!({"mode": "manual"}))],
+    )])
+    .await;
+    rig.flusher.drain_once().await;
+    assert_eq!(
+        sim.entity("e").expect("e").properties["cfg"],
+        json!({"mode": "manual", "pid": {"p": 1}})
+    );
+    assert_eq!(rig.metrics.conflicts.load(Ordering::Relaxed), 0);
+    assert_eq!(rig.store.stats().pending_keys, 0);
+}
+
 /// Blind mode skips reads for property writes only: a late delete still reads the entity, so
 /// it does not wipe a property delivered with a newer version.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -3,7 +3,10 @@
 //!
 //! Rules it keeps:
 //! - A key is settled `Delivered` only for a per-event success (or when Flux already holds the
-//!   value: a no-op, or a conflict kept remote by policy). Everything else keeps it pending.
+//!   value: a no-op, or a conflict kept remote by policy). Everything else keeps it pending. A
+//!   no-op needs a read that provably includes this worker's last delivery of the key (`merge`
+//!   rule 6; a delivered entity delete counts as delivering "absent"), since a read right after
+//!   a 200 may be stale.
 //! - One poison event never blocks the rest: a whole-batch 400 or a 413 splits the batch until
 //!   the bad event stands alone, and only it is quarantined.
 //! - Token problems (401/403, `authorization failed` for a well-formed id with no success in the
@@ -570,16 +573,18 @@ impl Flusher {
         // 2. Plan each event.
         let mut planned: Vec<(FluxEvent, &ClaimedEvent, Map<String, Value>)> = Vec::new();
         for ev in events {
+            let deleted = if ev.delete || self.opts.merge == MergeMode::Blind {
+                None
+            } else {
+                self.delivered_delete(&ev.entity)
+            };
             let writes: Vec<PropertyWrite<'_>> = ev
                 .props
                 .iter()
                 .map(|p| PropertyWrite {
                     name: &p.name,
                     value: &p.value,
-                    delivered: p.delivered.map(|d| Delivered {
-                        value_hash: d.value_hash,
-                        delivered_at_ms: d.delivered_at_ms,
-                    }),
+                    delivered: last_delivery(p, deleted.as_ref()),
                 })
                 .collect();
             let state = remote.get(&ev.entity);
@@ -697,6 +702,21 @@ impl Flusher {
             return LinkVerdict::Ok;
         }
         self.send_planned(&planned, out).await
+    }
+
+    /// The entity delete this worker delivered last, if any (its `D` record survives the
+    /// property records it cleared).
+    fn delivered_delete(&self, entity: &str) -> Option<crate::record::DeliveredRecord> {
+        match self.store.delivered(&PropKey::new(
+            entity.to_string(),
+            DELETE_PROPERTY.to_string(),
+        )) {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::warn!(entity, error = %e, "cannot read the delivered delete record");
+                None
+            }
+        }
     }
 
     /// Properties that an entity delete must not wipe: Flux deletes the whole entity, but a
@@ -1364,6 +1384,30 @@ fn event_id(entity: &str, carried: &[&ClaimedProp]) -> String {
         "fo-{:016x}-{oldest}-{newest}",
         value_hash(&Value::String(entity.to_string()))
     )
+}
+
+/// What the planner is told this worker last delivered for a key. A delivered entity delete
+/// newer than the key's own record (the store clears older property records when it settles
+/// the delete) was the last delivery, of "absent", hashed as `null` like the planner hashes an
+/// absent property: without it, a read still showing the property from before the delete (a
+/// stale read) would look like a no-op for a key that Flux no longer holds.
+fn last_delivery(
+    p: &ClaimedProp,
+    deleted: Option<&crate::record::DeliveredRecord>,
+) -> Option<Delivered> {
+    let own = p
+        .delivered
+        .map(|d| (d.version(), d.value_hash, d.delivered_at_ms));
+    let del = deleted.map(|d| (d.version(), value_hash(&Value::Null), d.delivered_at_ms));
+    let newest = match (own, del) {
+        (Some(o), Some(d)) if d.0 > o.0 => Some(d),
+        (Some(o), _) => Some(o),
+        (None, d) => d,
+    };
+    newest.map(|(_, value_hash, delivered_at_ms)| Delivered {
+        value_hash,
+        delivered_at_ms,
+    })
 }
 
 fn sent_props<'a>(

@@ -27,9 +27,16 @@
 //!    inside survive; a `null` member in our object removes that field), or, when Flux holds
 //!    no object, onto `{}` (RFC 7386: `merge_patch(non-object, patch) = merge_patch({}, patch)`,
 //!    so our `null` members are dropped, never stored: Flux itself would store them as null).
-//! 6. **NoOp** — the candidate equals what Flux already has: nothing to send, the key counts as
-//!    delivered.
-//! 7. **Conflict** — this worker delivered the key before (`delivered` is `Some`), Flux's value
+//! 6. **NoOp** — the candidate equals what Flux already has AND the read can be trusted to
+//!    include this worker's last delivery of the key: nothing to send, the key counts as
+//!    delivered. Trusted means the worker never delivered the key (`delivered` is `None`), or
+//!    Flux's value hashes to exactly what it last delivered. An equal value that is NOT what
+//!    we last delivered may come from a stale read (Flux applies asynchronously; a read right
+//!    after a 200 is sometimes the state before our write): it is `Send` (never a conflict;
+//!    the read shows our own value). An entity delete this worker delivered counts as the
+//!    last delivery, of "absent" (hashed as `null`), for every key without a newer one.
+//! 7. **Conflict** — this worker delivered the key before (`delivered` is `Some`, a delivered
+//!    entity delete included, see 6), Flux's value
 //!    (absent counts as a value) does not hash to what was delivered, AND Flux's `lastUpdated` is
 //!    after the delivery time. Someone else wrote it since. Under [`ConflictPolicy::Overwrite`]
 //!    (default) send the candidate anyway; under [`ConflictPolicy::KeepRemote`] send nothing and
@@ -255,7 +262,26 @@ fn decide(remote: Remote<'_>, w: &PropertyWrite<'_>, policy: ConflictPolicy) -> 
     let current = properties.get(w.name);
     let candidate = merge_patch(current.unwrap_or(&Value::Null), w.value);
     if current == Some(&candidate) {
-        return Decision::NoOp;
+        // Skipping the write is safe only if this read includes our last delivery of the key:
+        // Flux answers 200 before it applies, and a read straight after is sometimes stale. If
+        // v=2 was just delivered and the next value is 1 again, a stale read showing the older
+        // 1 must not settle the key, or Flux keeps 2 for good. `lastUpdated` cannot tell:
+        // it is Flux's processing time on Flux's clock, and an event logged before ours may
+        // be processed after our acknowledgement, so a stale state can carry a `lastUpdated`
+        // later than our delivery. The value itself can: if Flux shows exactly what we last
+        // delivered, our delivery is in the read (or the read misses only someone else's
+        // later write, which no read can rule out). Otherwise send: a redundant write of an
+        // equal value is harmless, a skipped one is a lost update. A key never delivered has
+        // nothing of ours to miss; an unknown outcome (no record) is re-checked by the
+        // flusher's convergence read-back.
+        let includes_our_last_delivery = w
+            .delivered
+            .is_none_or(|d| value_hash(&candidate) == d.value_hash);
+        return if includes_our_last_delivery {
+            Decision::NoOp
+        } else {
+            Decision::Send(candidate)
+        };
     }
     if let (Some(d), Some(updated)) = (w.delivered, last_updated_ms) {
         // An absent property hashes as null: Flux cannot remove one property, so absence after
@@ -482,6 +508,47 @@ mod tests {
             value_hash: value_hash(v),
             delivered_at_ms: at,
         })
+    }
+
+    /// v=2 was delivered, the next value is 1 again, and a stale read still shows the older 1
+    /// (lastUpdated before our delivery, or even after it): not a no-op, send.
+    #[test]
+    fn equal_value_not_matching_our_last_delivery_is_sent_not_noop() {
+        let remote = obj(json!({"a": 1, "o": {"x": 1}}));
+        let one = json!(1);
+        let two = json!(2);
+        let o = json!({"x": 1});
+        let o_prev = json!({"x": 2});
+        for policy in [ConflictPolicy::Overwrite, ConflictPolicy::KeepRemote] {
+            let opts = MergeOptions {
+                policy,
+                ..MergeOptions::default()
+            };
+            for updated in [500, 1_000, 5_000] {
+                let plan = plan_entity(
+                    present(&remote, updated),
+                    &[
+                        w("a", &one, delivered(&two, 1_000)),
+                        w("o", &o, delivered(&o_prev, 1_000)),
+                    ],
+                    &opts,
+                );
+                assert_eq!(
+                    plan.decisions["a"],
+                    Decision::Send(one.clone()),
+                    "{policy:?}"
+                );
+                assert_eq!(plan.decisions["o"], Decision::Send(o.clone()), "{policy:?}");
+                assert_eq!(plan.settled_without_send().count(), 0);
+            }
+        }
+        // Flux shows exactly our last delivery: the read includes it, a true no-op.
+        let plan = plan_entity(
+            present(&remote, 5_000),
+            &[w("a", &one, delivered(&one, 1_000))],
+            &MergeOptions::default(),
+        );
+        assert_eq!(plan.decisions["a"], Decision::NoOp);
     }
 
     #[test]

@@ -137,7 +137,7 @@ impl Default for FlushOptions {
             backoff_max: Duration::from_secs(60),
             stream: "scada".into(),
             source: "flux-outbox".into(),
-            convergence_window: Duration::from_secs(600),
+            convergence_window: crate::config::CONVERGENCE_WINDOW_DEFAULT,
             convergence_check_initial: Duration::from_millis(250),
             backoff_seed: None,
         }

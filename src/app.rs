@@ -79,6 +79,7 @@ pub fn flush_options(cfg: &Config) -> FlushOptions {
         read_concurrency: cfg.flush.read_concurrency,
         backoff_initial: cfg.flush.backoff_initial,
         backoff_max: cfg.flush.backoff_max,
+        convergence_window: cfg.flush.convergence_window,
         stream: cfg.flux.stream.clone(),
         source: cfg.flux_source(),
         ..FlushOptions::default()

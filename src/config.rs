@@ -204,6 +204,10 @@ pub struct FlushConfig {
     /// 0 = no final flush at shutdown.
     #[serde(with = "duration")]
     pub final_flush_timeout: Duration,
+    /// How long after a write of unknown outcome the entity is still read back and repaired
+    /// (Flux may apply such a write late and roll the key back).
+    #[serde(with = "duration")]
+    pub convergence_window: Duration,
 }
 
 /// `[store]`: the on-disk outbox.
@@ -282,6 +286,14 @@ impl Default for FluxConfig {
     }
 }
 
+/// Flux spends about 5 s per event while its event log is unreachable, one event after
+/// another, and may apply each later anyway: over a 200-event batch that is about 1,000 s
+/// between sending and a late application (the worst case its documentation gives). 20 minutes
+/// covers it with margin; a shorter window would stop watching a write that can still land.
+pub const CONVERGENCE_WINDOW_DEFAULT: Duration = Duration::from_secs(20 * 60);
+/// What Flux spends per event while its event log is unreachable.
+const FLUX_PUBLISH_FAIL_PER_EVENT: Duration = Duration::from_secs(5);
+
 impl Default for FlushConfig {
     fn default() -> Self {
         FlushConfig {
@@ -296,6 +308,7 @@ impl Default for FlushConfig {
             backoff_initial: Duration::from_millis(500),
             backoff_max: Duration::from_secs(60),
             final_flush_timeout: Duration::from_secs(10),
+            convergence_window: CONVERGENCE_WINDOW_DEFAULT,
         }
     }
 }
@@ -586,6 +599,7 @@ impl Config {
             ("flush.interval", self.flush.interval),
             ("flush.backoff_initial", self.flush.backoff_initial),
             ("flush.backoff_max", self.flush.backoff_max),
+            ("flush.convergence_window", self.flush.convergence_window),
         ] {
             if d.is_zero() {
                 return Err(invalid(key, "must be greater than 0"));
@@ -703,6 +717,16 @@ impl Config {
             && (self.flush.events_per_minute_max == 0 || self.flush.events_per_minute_max > 10_000)
         {
             out.push("public mode: Flux limits each namespace to 10000 events/minute; consider flush.events_per_minute_max".into());
+        }
+        let worst_late = FLUX_PUBLISH_FAIL_PER_EVENT
+            .saturating_mul(self.flush.batch_events_max.min(u32::MAX as usize) as u32);
+        if self.flush.convergence_window < worst_late {
+            out.push(format!(
+                "flush.convergence_window {} is shorter than a batch of {} events can take to land late in Flux (about {} at 5s per event while its log is down); late writes after the window are not repaired",
+                humantime::format_duration(self.flush.convergence_window),
+                self.flush.batch_events_max,
+                humantime::format_duration(worst_late)
+            ));
         }
         out
     }
@@ -1222,6 +1246,50 @@ mod tests {
     }
 
     #[test]
+    fn convergence_window_parses_defaults_and_warns_when_too_short() {
+        // The default covers Flux's documented worst late application (about 1,000 s).
+        let d = Config::default();
+        assert_eq!(d.flush.convergence_window, Duration::from_secs(1200));
+        assert!(d.flush.convergence_window >= Duration::from_secs(1000));
+        assert!(
+            !d.warnings()
+                .iter()
+                .any(|w| w.contains("convergence_window")),
+            "{:?}",
+            d.warnings()
+        );
+        let c = parse("[flush]\nconvergence_window = \"1h 30m\"\n").unwrap();
+        assert_eq!(c.flush.convergence_window, Duration::from_secs(5400));
+        c.validate().unwrap();
+        assert_eq!(
+            crate::app::flush_options(&c).convergence_window,
+            Duration::from_secs(5400)
+        );
+        let e = parse("[flush]\nconvergence_window = \"20\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("flush.convergence_window"), "{e}");
+        let e = parse("[flush]\nconvergence_window = 20\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("flush.convergence_window") && e.contains("duration string"),
+            "{e}"
+        );
+        // Allowed but shorter than a full batch can take to land late: told at check-config.
+        let short = parse("[flush]\nconvergence_window = \"10m\"\n").unwrap();
+        short.validate().unwrap();
+        assert!(
+            short
+                .warnings()
+                .iter()
+                .any(|w| w.contains("flush.convergence_window")),
+            "{:?}",
+            short.warnings()
+        );
+    }
+
+    #[test]
     fn cross_field_rules() {
         let bad = [
             (
@@ -1235,6 +1303,10 @@ mod tests {
             ("[flush]\ninterval = \"0s\"\n", "flush.interval"),
             ("[flush]\nbackoff_initial = \"2m\"\n", "flush.backoff_max"),
             ("[flush]\nin_flight_max = 0\n", "flush.in_flight_max"),
+            (
+                "[flush]\nconvergence_window = \"0s\"\n",
+                "flush.convergence_window",
+            ),
             ("[flux]\nstream = \"scada..x\"\n", "flux.stream"),
             ("[flux]\nstream = \"\"\n", "flux.stream"),
             ("[flux]\nsource = \" \"\n", "flux.source"),

@@ -3,11 +3,18 @@
 //!
 //! Rules it keeps:
 //! - A key is settled `Delivered` only for a per-event success (or when Flux already holds the
-//!   value: a no-op, or a conflict kept remote by policy). Everything else keeps it pending.
+//!   value: a no-op, or a conflict kept remote by policy). Everything else keeps it pending. A
+//!   no-op needs a read that provably includes this worker's last delivery of the key (`merge`
+//!   rule 6; a delivered entity delete counts as delivering "absent"), since a read right after
+//!   a 200 may be stale.
 //! - One poison event never blocks the rest: a whole-batch 400 or a 413 splits the batch until
 //!   the bad event stands alone, and only it is quarantined.
-//! - Token problems (401/403, `authorization failed` with no success in the same answer) never
-//!   quarantine: the worker pauses at the slow backoff and reports the link as `auth_failed`.
+//! - Token problems (401/403, `authorization failed` for a well-formed id with no success in the
+//!   same answer) never quarantine: the worker pauses at the slow backoff and reports the link as
+//!   `auth_failed`. An `authorization failed` that blames the entity id itself (more than one
+//!   slash, no namespace: [`EventOutcome::is_permanent`]) is quarantined whatever else the
+//!   answer holds; a well-formed id refused while another event of the same answer succeeded
+//!   (an id outside the token's namespace) is quarantined too.
 //! - An unknown outcome (500, `publish failed`, timeouts, resets) keeps the key, backs off with
 //!   jitter, and marks the ENTITY suspect: Flux may still apply that write late (see
 //!   "Convergence" below).
@@ -85,6 +92,8 @@ use crate::store::{Claim, ClaimLimits, ClaimedEvent, ClaimedProp, Outcome, Settl
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum MergeMode {
     ReadMergeWrite,
+    /// No read before a property write (metered links). Entity deletes are still read first:
+    /// see `survivors_of_delete`.
     Blind,
 }
 
@@ -128,7 +137,7 @@ impl Default for FlushOptions {
             backoff_max: Duration::from_secs(60),
             stream: "scada".into(),
             source: "flux-outbox".into(),
-            convergence_window: Duration::from_secs(600),
+            convergence_window: crate::config::CONVERGENCE_WINDOW_DEFAULT,
             convergence_check_initial: Duration::from_millis(250),
             backoff_seed: None,
         }
@@ -518,57 +527,64 @@ impl Flusher {
         out: &mut Vec<Settlement>,
         sent: &mut HashMap<PropKey, Value>,
     ) -> LinkVerdict {
-        // 1. Read Flux's current state of every entity (bounded concurrency).
-        let remote: HashMap<String, Option<crate::flux_client::EntityState>> =
-            if self.opts.merge == MergeMode::ReadMergeWrite {
-                // Deletes are read too: see `survivors_of_delete`.
-                // Results are looked at as they arrive: the first failure ends the batch's
-                // reads (dropping the stream cancels the reads in flight and starts no more),
-                // so a dead link costs at most `read_concurrency` requests per attempt, not one
-                // per entity of every claimed batch.
-                let ids: Vec<String> = events.iter().map(|e| e.entity.clone()).collect();
-                let mut reads = stream::iter(ids.into_iter().map(|id| async move {
-                    let r = self.client.get_entity(&id).await;
-                    (id, r)
-                }))
-                .buffer_unordered(self.opts.read_concurrency.max(1));
-                let mut map = HashMap::new();
-                while let Some((id, r)) = reads.next().await {
-                    self.metrics
-                        .reads
-                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    match r {
-                        Ok(state) => {
-                            map.insert(id, state);
-                        }
-                        Err(e) => {
-                            self.metrics
-                                .read_failures
-                                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                            let error = format!("read before write failed: {e}");
-                            retry_all(events, &error, out);
-                            return LinkVerdict::Unknown;
-                        }
+        // 1. Read Flux's current state of every entity (bounded concurrency). Blind mode reads
+        // only the entities of delete events: a late delete must not wipe properties delivered
+        // with newer versions (`survivors_of_delete`), and only a read tells which of them Flux
+        // holds. Deletes are rare, so a metered link still pays almost nothing for it.
+        let ids: Vec<String> = events
+            .iter()
+            .filter(|e| self.opts.merge == MergeMode::ReadMergeWrite || e.delete)
+            .map(|e| e.entity.clone())
+            .collect();
+        let remote: HashMap<String, Option<crate::flux_client::EntityState>> = if !ids.is_empty() {
+            // Results are looked at as they arrive: the first failure ends the batch's
+            // reads (dropping the stream cancels the reads in flight and starts no more),
+            // so a dead link costs at most `read_concurrency` requests per attempt, not one
+            // per entity of every claimed batch.
+            let mut reads = stream::iter(ids.into_iter().map(|id| async move {
+                let r = self.client.get_entity(&id).await;
+                (id, r)
+            }))
+            .buffer_unordered(self.opts.read_concurrency.max(1));
+            let mut map = HashMap::new();
+            while let Some((id, r)) = reads.next().await {
+                self.metrics
+                    .reads
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                match r {
+                    Ok(state) => {
+                        map.insert(id, state);
+                    }
+                    Err(e) => {
+                        self.metrics
+                            .read_failures
+                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        let error = format!("read before write failed: {e}");
+                        retry_all(events, &error, out);
+                        return LinkVerdict::Unknown;
                     }
                 }
-                map
-            } else {
-                HashMap::new()
-            };
+            }
+            map
+        } else {
+            HashMap::new()
+        };
 
         // 2. Plan each event.
         let mut planned: Vec<(FluxEvent, &ClaimedEvent, Map<String, Value>)> = Vec::new();
         for ev in events {
+            let deleted = if ev.delete || self.opts.merge == MergeMode::Blind {
+                None
+            } else {
+                self.delivered_delete(&ev.entity)
+            };
             let writes: Vec<PropertyWrite<'_>> = ev
                 .props
                 .iter()
                 .map(|p| PropertyWrite {
                     name: &p.name,
                     value: &p.value,
-                    delivered: p.delivered.map(|d| Delivered {
-                        value_hash: d.value_hash,
-                        delivered_at_ms: d.delivered_at_ms,
-                    }),
+                    delivered: last_delivery(p, deleted.as_ref()),
                 })
                 .collect();
             let state = remote.get(&ev.entity);
@@ -686,6 +702,21 @@ impl Flusher {
             return LinkVerdict::Ok;
         }
         self.send_planned(&planned, out).await
+    }
+
+    /// The entity delete this worker delivered last, if any (its `D` record survives the
+    /// property records it cleared).
+    fn delivered_delete(&self, entity: &str) -> Option<crate::record::DeliveredRecord> {
+        match self.store.delivered(&PropKey::new(
+            entity.to_string(),
+            DELETE_PROPERTY.to_string(),
+        )) {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::warn!(entity, error = %e, "cannot read the delivered delete record");
+                None
+            }
+        }
     }
 
     /// Properties that an entity delete must not wipe: Flux deletes the whole entity, but a
@@ -853,6 +884,19 @@ impl Flusher {
                                 tracing::warn!(entity = %ev.entity, %reason, "Flux rejected an event: quarantined");
                                 quarantine_event(ev, props, reason, Some(200), out);
                             }
+                            // The id itself is unusable (public mode wants exactly
+                            // `namespace/rest`): no token can ever make it pass, so it must not
+                            // hold the link paused, even when nothing else in the answer
+                            // succeeded (a batch of only such ids would otherwise block every
+                            // entity claimed after it, forever).
+                            EventOutcome::AuthFailed { reason } if r.is_permanent() => {
+                                self.metrics.events("auth_failed_entity", 1);
+                                tracing::warn!(entity = %ev.entity, %reason, "Flux refused this entity id: quarantined");
+                                quarantine_event(ev, props, reason, Some(200), out);
+                            }
+                            // A well-formed id refused (e.g. outside the token's namespace) looks
+                            // exactly like a wrong token; only a success with the same token in
+                            // the same answer proves the failure belongs to the entity.
                             EventOutcome::AuthFailed { reason } if any_applied => {
                                 self.metrics.events("auth_failed_entity", 1);
                                 tracing::warn!(entity = %ev.entity, %reason, "Flux refused this entity with a token that works for others: quarantined");
@@ -1340,6 +1384,30 @@ fn event_id(entity: &str, carried: &[&ClaimedProp]) -> String {
         "fo-{:016x}-{oldest}-{newest}",
         value_hash(&Value::String(entity.to_string()))
     )
+}
+
+/// What the planner is told this worker last delivered for a key. A delivered entity delete
+/// newer than the key's own record (the store clears older property records when it settles
+/// the delete) was the last delivery, of "absent", hashed as `null` like the planner hashes an
+/// absent property: without it, a read still showing the property from before the delete (a
+/// stale read) would look like a no-op for a key that Flux no longer holds.
+fn last_delivery(
+    p: &ClaimedProp,
+    deleted: Option<&crate::record::DeliveredRecord>,
+) -> Option<Delivered> {
+    let own = p
+        .delivered
+        .map(|d| (d.version(), d.value_hash, d.delivered_at_ms));
+    let del = deleted.map(|d| (d.version(), value_hash(&Value::Null), d.delivered_at_ms));
+    let newest = match (own, del) {
+        (Some(o), Some(d)) if d.0 > o.0 => Some(d),
+        (Some(o), _) => Some(o),
+        (None, d) => d,
+    };
+    newest.map(|(_, value_hash, delivered_at_ms)| Delivered {
+        value_hash,
+        delivered_at_ms,
+    })
 }
 
 fn sent_props<'a>(

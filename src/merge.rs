@@ -17,14 +17,26 @@
 //!    carries it as [`EntityPlan::tombstone`], always sent as `{"__deleted__": true}` ALONE in
 //!    its own event, whatever Flux holds (a read may be stale, and deleting twice is harmless).
 //!    It never appears in [`EntityPlan::properties_to_send`].
-//! 3. **Blind mode** ([`Remote::Blind`], no read was made) — `Send` our value as is, no merge.
-//! 4. **Entity absent** in Flux ([`Remote::Absent`], 404) — `Send` our value as is.
-//! 5. Otherwise compute the candidate: if our value and Flux's current value are both objects,
-//!    `merge_patch(flux_value, our_value)` (RFC 7386: fields others set inside survive; a `null`
-//!    member in our object removes that field); otherwise our value as is.
-//! 6. **NoOp** — the candidate equals what Flux already has: nothing to send, the key counts as
-//!    delivered.
-//! 7. **Conflict** — this worker delivered the key before (`delivered` is `Some`), Flux's value
+//! 3. **Blind mode** ([`Remote::Blind`], no read was made) — `Send` `merge_patch({}, ours)`:
+//!    no merge with Flux's value (none was read), but an object value loses its `null`
+//!    members (recursively), as RFC 7386 gives for any target.
+//! 4. **Entity absent** in Flux ([`Remote::Absent`], 404) — `Send` `merge_patch({}, ours)`.
+//! 5. Otherwise compute the candidate `merge_patch(flux_value, our_value)`, Flux's value being
+//!    `null` when the property is absent (RFC 7386): a non-object value of ours replaces
+//!    Flux's whole; an object value of ours is merged onto Flux's object (fields others set
+//!    inside survive; a `null` member in our object removes that field), or, when Flux holds
+//!    no object, onto `{}` (RFC 7386: `merge_patch(non-object, patch) = merge_patch({}, patch)`,
+//!    so our `null` members are dropped, never stored: Flux itself would store them as null).
+//! 6. **NoOp** — the candidate equals what Flux already has AND the read can be trusted to
+//!    include this worker's last delivery of the key: nothing to send, the key counts as
+//!    delivered. Trusted means the worker never delivered the key (`delivered` is `None`), or
+//!    Flux's value hashes to exactly what it last delivered. An equal value that is NOT what
+//!    we last delivered may come from a stale read (Flux applies asynchronously; a read right
+//!    after a 200 is sometimes the state before our write): it is `Send` (never a conflict;
+//!    the read shows our own value). An entity delete this worker delivered counts as the
+//!    last delivery, of "absent" (hashed as `null`), for every key without a newer one.
+//! 7. **Conflict** — this worker delivered the key before (`delivered` is `Some`, a delivered
+//!    entity delete included, see 6), Flux's value
 //!    (absent counts as a value) does not hash to what was delivered, AND Flux's `lastUpdated` is
 //!    after the delivery time. Someone else wrote it since. Under [`ConflictPolicy::Overwrite`]
 //!    (default) send the candidate anyway; under [`ConflictPolicy::KeepRemote`] send nothing and
@@ -235,20 +247,41 @@ pub fn plan_entity(
 }
 
 fn decide(remote: Remote<'_>, w: &PropertyWrite<'_>, policy: ConflictPolicy) -> Decision {
+    // Flux replaces a value whole, so what we send is what Flux will hold: send the RFC 7386
+    // result, never the raw patch (whose `null` members Flux would store instead of removing).
+    // The caller records the hash of exactly this value as delivered.
     let (properties, last_updated_ms) = match remote {
-        Remote::Blind | Remote::Absent => return Decision::Send(w.value.clone()),
+        Remote::Blind | Remote::Absent => {
+            return Decision::Send(merge_patch(&Value::Null, w.value));
+        }
         Remote::Present {
             properties,
             last_updated_ms,
         } => (properties, last_updated_ms),
     };
     let current = properties.get(w.name);
-    let candidate = match (current, w.value) {
-        (Some(cur @ Value::Object(_)), Value::Object(_)) => merge_patch(cur, w.value),
-        _ => w.value.clone(),
-    };
+    let candidate = merge_patch(current.unwrap_or(&Value::Null), w.value);
     if current == Some(&candidate) {
-        return Decision::NoOp;
+        // Skipping the write is safe only if this read includes our last delivery of the key:
+        // Flux answers 200 before it applies, and a read straight after is sometimes stale. If
+        // v=2 was just delivered and the next value is 1 again, a stale read showing the older
+        // 1 must not settle the key, or Flux keeps 2 for good. `lastUpdated` cannot tell:
+        // it is Flux's processing time on Flux's clock, and an event logged before ours may
+        // be processed after our acknowledgement, so a stale state can carry a `lastUpdated`
+        // later than our delivery. The value itself can: if Flux shows exactly what we last
+        // delivered, our delivery is in the read (or the read misses only someone else's
+        // later write, which no read can rule out). Otherwise send: a redundant write of an
+        // equal value is harmless, a skipped one is a lost update. A key never delivered has
+        // nothing of ours to miss; an unknown outcome (no record) is re-checked by the
+        // flusher's convergence read-back.
+        let includes_our_last_delivery = w
+            .delivered
+            .is_none_or(|d| value_hash(&candidate) == d.value_hash);
+        return if includes_our_last_delivery {
+            Decision::NoOp
+        } else {
+            Decision::Send(candidate)
+        };
     }
     if let (Some(d), Some(updated)) = (w.delivered, last_updated_ms) {
         // An absent property hashes as null: Flux cannot remove one property, so absence after
@@ -359,16 +392,23 @@ mod tests {
     }
 
     #[test]
-    fn entity_absent_sends_all_as_is() {
-        let v1 = json!({"x": 1, "y": null});
+    fn entity_absent_sends_values_with_object_null_members_dropped() {
+        let v1 = json!({"x": 1, "y": null, "z": {"a": null, "b": 2}});
         let v2 = json!(5);
+        let v3 = json!(null);
         let plan = plan_entity(
             Remote::Absent,
-            &[w("obj", &v1, None), w("n", &v2, None)],
+            &[w("obj", &v1, None), w("n", &v2, None), w("nul", &v3, None)],
             &MergeOptions::default(),
         );
-        assert_eq!(plan.decisions["obj"], Decision::Send(v1.clone()));
+        // RFC 7386 against no target: merge_patch({}, patch) drops null members, recursively.
+        assert_eq!(
+            plan.decisions["obj"],
+            Decision::Send(json!({"x": 1, "z": {"b": 2}}))
+        );
         assert_eq!(plan.decisions["n"], Decision::Send(v2.clone()));
+        // A null VALUE (not a member of an object) replaces whole: Flux stores null.
+        assert_eq!(plan.decisions["nul"], Decision::Send(Value::Null));
         assert!(!plan.tombstone);
     }
 
@@ -381,6 +421,14 @@ mod tests {
             &MergeOptions::default(),
         );
         assert_eq!(plan.decisions["obj"], Decision::Send(v.clone()));
+        // Nothing was read: RFC 7386 against `{}`, so null members are still never stored.
+        let v = json!({"x": 1, "y": null});
+        let plan = plan_entity(
+            Remote::Blind,
+            &[w("obj", &v, None)],
+            &MergeOptions::default(),
+        );
+        assert_eq!(plan.decisions["obj"], Decision::Send(json!({"x": 1})));
     }
 
     #[test]
@@ -398,17 +446,42 @@ mod tests {
         );
     }
 
+    /// RFC 7386: merge_patch(non-object target, patch) = merge_patch({}, patch). Over a
+    /// non-object, or a property Flux does not have, our null members are dropped (recursively)
+    /// instead of being stored as null.
     #[test]
-    fn object_over_non_object_is_sent_as_is() {
-        let remote = obj(json!({"obj": 7}));
-        let ours = json!({"x": null, "y": 1});
+    fn object_over_non_object_or_absent_property_follows_rfc7386() {
+        let ours = json!({"x": null, "y": 1, "z": {"a": null, "b": {"c": null}}});
+        let want = json!({"y": 1, "z": {"b": {}}});
+        for remote in [
+            obj(json!({"obj": 7})),
+            obj(json!({"obj": [1, 2]})),
+            obj(json!({"obj": null})),
+            obj(json!({"other": 1})),
+        ] {
+            let plan = plan_entity(
+                present(&remote, 10),
+                &[w("obj", &ours, None)],
+                &MergeOptions::default(),
+            );
+            assert_eq!(
+                plan.decisions["obj"],
+                Decision::Send(want.clone()),
+                "remote {remote:?}"
+            );
+            assert_eq!(
+                plan.decisions["obj"],
+                Decision::Send(merge_patch(&json!({}), &ours))
+            );
+        }
+        // Flux already holds the RFC result: nothing to send.
+        let remote = obj(json!({"obj": {"y": 1, "z": {"b": {}}}}));
         let plan = plan_entity(
             present(&remote, 10),
             &[w("obj", &ours, None)],
             &MergeOptions::default(),
         );
-        // Not merged: the null member is kept exactly as we have it.
-        assert_eq!(plan.decisions["obj"], Decision::Send(ours.clone()));
+        assert_eq!(plan.decisions["obj"], Decision::NoOp);
     }
 
     #[test]
@@ -435,6 +508,47 @@ mod tests {
             value_hash: value_hash(v),
             delivered_at_ms: at,
         })
+    }
+
+    /// v=2 was delivered, the next value is 1 again, and a stale read still shows the older 1
+    /// (lastUpdated before our delivery, or even after it): not a no-op, send.
+    #[test]
+    fn equal_value_not_matching_our_last_delivery_is_sent_not_noop() {
+        let remote = obj(json!({"a": 1, "o": {"x": 1}}));
+        let one = json!(1);
+        let two = json!(2);
+        let o = json!({"x": 1});
+        let o_prev = json!({"x": 2});
+        for policy in [ConflictPolicy::Overwrite, ConflictPolicy::KeepRemote] {
+            let opts = MergeOptions {
+                policy,
+                ..MergeOptions::default()
+            };
+            for updated in [500, 1_000, 5_000] {
+                let plan = plan_entity(
+                    present(&remote, updated),
+                    &[
+                        w("a", &one, delivered(&two, 1_000)),
+                        w("o", &o, delivered(&o_prev, 1_000)),
+                    ],
+                    &opts,
+                );
+                assert_eq!(
+                    plan.decisions["a"],
+                    Decision::Send(one.clone()),
+                    "{policy:?}"
+                );
+                assert_eq!(plan.decisions["o"], Decision::Send(o.clone()), "{policy:?}");
+                assert_eq!(plan.settled_without_send().count(), 0);
+            }
+        }
+        // Flux shows exactly our last delivery: the read includes it, a true no-op.
+        let plan = plan_entity(
+            present(&remote, 5_000),
+            &[w("a", &one, delivered(&one, 1_000))],
+            &MergeOptions::default(),
+        );
+        assert_eq!(plan.decisions["a"], Decision::NoOp);
     }
 
     #[test]

@@ -234,6 +234,80 @@ async fn per_event_auth_failure_without_success_keeps_keys_with_success_quaranti
     assert!(sim.entity("acme/ok-1").is_some() && sim.entity("acme/ok-2").is_some());
 }
 
+/// A batch holding ONLY ids Flux refuses as ids (`authorization failed: Invalid entity ID`) has
+/// no success to prove the token works; those ids can never pass with any token, so they are
+/// quarantined anyway and the good entities claimed after them are delivered. A genuine token
+/// problem (well-formed ids, every event refused) still quarantines nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batch_of_only_bad_entity_ids_is_quarantined_and_does_not_block_good_entities() {
+    let sim = start_sim(SimConfig {
+        public: true,
+        ..SimConfig::default()
+    })
+    .await;
+    let acme = sim.register_namespace("acme");
+    let opts = FlushOptions {
+        batch_events_max: 2,
+        in_flight_max: 1,
+        ..fast_opts()
+    };
+    let rig = Rig::new(
+        client(&sim.url(), Some(&acme), Duration::from_secs(5)),
+        opts.clone(),
+    );
+    // Ingested first, so claimed first, and alone in their batch of two.
+    rig.ingest(vec![
+        set("acme/a/b", TS, &[("v", json!(1))]),
+        set("no-namespace", TS, &[("v", json!(2))]),
+    ])
+    .await;
+    rig.ingest(vec![
+        set("acme/ok-1", TS, &[("v", json!(3))]),
+        set("acme/ok-2", TS, &[("v", json!(4))]),
+    ])
+    .await;
+    for _ in 0..4 {
+        if rig.store.stats().pending_keys == 0 {
+            break;
+        }
+        rig.flusher.drain_once().await;
+    }
+    let mut q: Vec<String> = rig
+        .store
+        .quarantine_rows(None, 10)
+        .expect("q")
+        .into_iter()
+        .map(|r| r.entity)
+        .collect();
+    q.sort();
+    assert_eq!(q, vec!["acme/a/b".to_string(), "no-namespace".to_string()]);
+    assert_eq!(rig.store.stats().pending_keys, 0);
+    assert_eq!(
+        sim.entity("acme/ok-1").expect("ok-1").properties["v"],
+        json!(3)
+    );
+    assert_eq!(
+        sim.entity("acme/ok-2").expect("ok-2").properties["v"],
+        json!(4)
+    );
+    assert_ne!(rig.metrics.link(), LinkState::AuthFailed);
+
+    // A wrong token with well-formed ids: every event refused, nothing quarantined.
+    let rig = Rig::new(
+        client(&sim.url(), Some("not-a-token"), Duration::from_secs(5)),
+        opts,
+    );
+    rig.ingest(vec![
+        set("acme/x", TS, &[("v", json!(1))]),
+        set("acme/y", TS, &[("v", json!(2))]),
+    ])
+    .await;
+    assert_eq!(rig.flusher.drain_once().await, LinkVerdict::Auth);
+    assert_eq!(rig.store.stats().quarantine_keys, 0);
+    assert_eq!(rig.store.stats().pending_keys, 2);
+    assert_eq!(rig.metrics.link(), LinkState::AuthFailed);
+}
+
 #[test]
 fn retry_after_is_honoured_and_bounded() {
     let opts = fast_opts();
@@ -874,6 +948,154 @@ async fn delete_older_than_a_delivered_property_does_not_wipe_it() {
         .entity("e")
         .expect("entity re-created with its newer property");
     assert_eq!(Value::Object(e.properties), json!({"new": 2}));
+}
+
+/// Flux answers 200 before it applies: a read straight after is sometimes the state before the
+/// last event. Such a read must never make the worker count a value as already in Flux: with
+/// v=2 just delivered and 1 the next value, a stale read showing the older 1 would otherwise
+/// leave 2 in Flux for good; the same after a delivered delete (a stale read still shows the
+/// property from before it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stale_reads_never_make_the_worker_skip_a_needed_write() {
+    let sim = start_sim(SimConfig {
+        faults: Faults {
+            stale_read_rate: 1.0,
+            ..Faults::default()
+        },
+        ..SimConfig::default()
+    })
+    .await;
+    let rig = Rig::new(
+        client(&sim.url(), None, Duration::from_secs(5)),
+        fast_opts(),
+    );
+    for (ts, v) in [(TS, 1), (TS + 1, 2), (TS + 2, 1)] {
+        rig.ingest(vec![set("e", ts, &[("v", json!(v))])]).await;
+        assert_eq!(rig.flusher.drain_once().await, LinkVerdict::Ok);
+    }
+    assert_eq!(sim.entity("e").expect("e").properties["v"], json!(1));
+
+    rig.ingest(vec![set("d", TS, &[("p", json!(1))])]).await;
+    rig.flusher.drain_once().await;
+    rig.ingest(vec![delete("d", TS + 10)]).await;
+    rig.flusher.drain_once().await;
+    assert!(sim.entity("d").is_none());
+    rig.ingest(vec![set("d", TS + 20, &[("p", json!(1))])])
+        .await;
+    rig.flusher.drain_once().await;
+    assert_eq!(
+        sim.entity("d").map(|d| d.properties.get("p").cloned()),
+        Some(Some(json!(1))),
+        "re-created after the delete"
+    );
+    assert!(sim.stats().fault_stale_read >= 5);
+    assert_eq!(rig.store.stats().pending_keys, 0);
+
+    // Many changes flipping between few values, reads stale at random: Flux ends with the
+    // newest value of every key.
+    sim.set_faults(Faults {
+        stale_read_rate: 0.5,
+        ..Faults::default()
+    });
+    let mut newest = std::collections::BTreeMap::new();
+    let mut x: u64 = 7;
+    for round in 0..40u64 {
+        let mut ups = Vec::new();
+        for k in 0..4u64 {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            if (x >> 33) % 2 == 0 {
+                let v = (x >> 40) % 3;
+                let id = format!("s{k}");
+                ups.push(set(&id, TS + 100 + round, &[("v", json!(v))]));
+                newest.insert(id, json!(v));
+            }
+        }
+        rig.ingest(ups).await;
+        rig.flusher.drain_once().await;
+    }
+    assert_eq!(rig.store.stats().pending_keys, 0);
+    for (id, v) in &newest {
+        assert_eq!(&sim.entity(id).expect("entity").properties["v"], v, "{id}");
+    }
+}
+
+/// RFC 7386 when Flux holds no object for the property: our object's null members are dropped
+/// (Flux would store them as null), and the value recorded as delivered is what Flux holds, so
+/// the same value again is a no-op and a later change is not mistaken for a conflict.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn object_with_null_members_over_no_object_is_stored_as_rfc7386_says() {
+    let sim = start_sim(SimConfig::default()).await;
+    sim_write(&sim, "e", json!({"cfg": 7})).await;
+    let rig = Rig::new(
+        client(&sim.url(), None, Duration::from_secs(5)),
+        FlushOptions {
+            conflict_policy: ConflictPolicy::KeepRemote,
+            ..fast_opts()
+        },
+    );
+    let patch = json!({"mode": "auto", "limit": null, "pid": {"p": 1, "i": null}});
+    rig.ingest(vec![set(
+        "e",
+        TS,
+        &[("cfg", patch.clone()), ("fresh", patch.clone())],
+    )])
+    .await;
+    rig.flusher.drain_once().await;
+    let want = json!({"mode": "auto", "pid": {"p": 1}});
+    let e = sim.entity("e").expect("e");
+    assert_eq!(e.properties["cfg"], want, "over a non-object");
+    assert_eq!(e.properties["fresh"], want, "over an absent property");
+    let applied = sim.applied_count();
+    // The same value again: Flux holds exactly what was delivered, nothing to send.
+    rig.ingest(vec![set("e", TS + 1, &[("cfg", patch.clone())])])
+        .await;
+    rig.flusher.drain_once().await;
+    assert_eq!(sim.applied_count(), applied, "same value again is a no-op");
+    // A change of ours is ours, not another writer's: sent even under keep-remote.
+    rig.ingest(vec![set(
+        "e",
+        TS + 2,
+        &[("cfg", json!({"mode": "manual"}))],
+    )])
+    .await;
+    rig.flusher.drain_once().await;
+    assert_eq!(
+        sim.entity("e").expect("e").properties["cfg"],
+        json!({"mode": "manual", "pid": {"p": 1}})
+    );
+    assert_eq!(rig.metrics.conflicts.load(Ordering::Relaxed), 0);
+    assert_eq!(rig.store.stats().pending_keys, 0);
+}
+
+/// Blind mode skips reads for property writes only: a late delete still reads the entity, so
+/// it does not wipe a property delivered with a newer version.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn blind_mode_delete_older_than_a_delivered_property_does_not_wipe_it() {
+    let sim = start_sim(SimConfig::default()).await;
+    let rig = Rig::new(
+        client(&sim.url(), None, Duration::from_secs(5)),
+        FlushOptions {
+            merge: MergeMode::Blind,
+            ..fast_opts()
+        },
+    );
+    rig.ingest(vec![
+        set("e", TS + 20, &[("new", json!(2))]),
+        set("e", TS, &[("old", json!(1))]),
+    ])
+    .await;
+    rig.flusher.drain_once().await;
+    assert_eq!(sim.stats().requests_read, 0, "property writes are not read");
+    rig.ingest(vec![delete("e", TS + 10)]).await;
+    rig.flusher.drain_once().await;
+    assert_eq!(rig.store.stats().pending_keys, 0);
+    let e = sim
+        .entity("e")
+        .expect("entity re-created with its newer property");
+    assert_eq!(Value::Object(e.properties), json!({"new": 2}));
+    assert_eq!(sim.stats().requests_read, 1, "one read, for the delete");
 }
 
 /// Byte-size trigger: with the interval and the count trigger out of reach, a burst of large

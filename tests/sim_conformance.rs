@@ -1324,3 +1324,52 @@ async fn flux_sim_binary_listens_where_told_prints_it_and_applies_start_faults()
         String::from_utf8_lossy(&out.stdout)
     );
 }
+
+/// The stale-read fault (set over the control API like the others): an entity read shows the
+/// entity as it was before its last applied event, 404 if that event created it.
+#[tokio::test]
+async fn fault_stale_read_serves_the_state_before_the_last_event() {
+    let sim = start(SimConfig::default()).await;
+    let c = reqwest::Client::new();
+    let put = |rate: f64| {
+        c.put(format!("{}/_sim/faults", sim.url()))
+            .jbody(&json!({"stale_read_rate": rate}))
+            .send()
+    };
+    assert_eq!(put(1.5).await.expect("put").status(), 400);
+    assert_eq!(put(1.0).await.expect("put").status(), 200);
+    assert_eq!(sim.faults().stale_read_rate, 1.0);
+    let read = |id: &'static str| {
+        let c = c.clone();
+        let url = format!("{}/api/state/entities/{id}", sim.url());
+        async move { c.get(url).send().await.expect("read") }
+    };
+    for v in [1, 2] {
+        let r = post(
+            &c,
+            &sim,
+            "/api/events",
+            &event("st/a", json!({"v": v}), 1),
+            None,
+        )
+        .await;
+        assert_eq!(r.status(), 200);
+        if v == 1 {
+            assert_eq!(
+                read("st%2Fa").await.status(),
+                404,
+                "created by its last event"
+            );
+        }
+    }
+    let body: Value = read("st%2Fa").await.jv().await.expect("json");
+    assert_eq!(body["properties"], json!({"v": 1}), "stale: before v=2");
+    assert!(sim.stats().fault_stale_read >= 2);
+    assert_eq!(put(0.0).await.expect("put").status(), 200);
+    let body: Value = read("st%2Fa").await.jv().await.expect("json");
+    assert_eq!(
+        body["properties"],
+        json!({"v": 2}),
+        "fresh once the fault is off"
+    );
+}

@@ -20,6 +20,7 @@
 //! the two write endpoints only, in this order: `latency_ms`, `reset_rate`, `hang_rate`,
 //! `rate_429_rate`, `error_500_rate`, `lost_answer_rate`; `link_down` cuts every `/api/*`
 //! request. Per-event faults (`validation_fail_rate`, `publish_fail_rate`) are drawn per event.
+//! `stale_read_rate` is drawn per entity read.
 //!
 //! # Control API (same listener)
 //!
@@ -42,7 +43,9 @@
 //! # Known differences from real Flux
 //!
 //! - Application is synchronous: a read right after a 200 always sees the write (Flux is stale
-//!   a few times in a hundred for a few milliseconds).
+//!   a few times in a hundred for a few milliseconds). `stale_read_rate` simulates the stale
+//!   read, harsher than Flux: the state before the entity's last event is served however long
+//!   ago that event was applied.
 //! - The "event log unreachable" state is `publish_fail_rate = 1.0` (optionally with
 //!   `publish_fail_delay_ms = 5000` for Flux's 5 s per event); a single event answers 500, a
 //!   batch 200 with per-event `publish failed: ...`, as Flux does.
@@ -105,6 +108,11 @@ pub struct Faults {
     pub late_apply_delay_ms: u64,
     /// Every `/api/*` request is cut immediately; `/_sim/*` keeps working.
     pub link_down: bool,
+    /// An entity read (`GET /api/state/entities/{id}`) shows the entity as it was before its
+    /// last applied event (404 if that event created it): Flux applies asynchronously, so a read
+    /// right after a 200 is sometimes stale. Only events applied while the rate is above 0 are
+    /// remembered (the sim keeps one earlier state per entity only then).
+    pub stale_read_rate: f64,
 }
 
 impl Faults {
@@ -119,6 +127,7 @@ impl Faults {
             ("reset_rate", self.reset_rate),
             ("lost_answer_rate", self.lost_answer_rate),
             ("late_apply_rate", self.late_apply_rate),
+            ("stale_read_rate", self.stale_read_rate),
         ];
         for (name, v) in rates {
             if !(0.0..=1.0).contains(&v) {
@@ -206,7 +215,10 @@ pub async fn start(cfg: SimConfig, listener: TcpListener) -> std::io::Result<Sim
         faults: RwLock::new(cfg.faults),
         rng: Mutex::new(rand::rngs::StdRng::seed_from_u64(cfg.seed)),
         ids: util::IdGen::new(cfg.seed),
-        world: Mutex::new(world::World::new(cfg.log_capacity)),
+        world: Mutex::new(world::World::new(
+            cfg.log_capacity,
+            cfg.faults.stale_read_rate > 0.0,
+        )),
         auth: Mutex::new(world::Auth::new()),
         stats: Default::default(),
         shutdown,
@@ -260,6 +272,7 @@ impl SimHandle {
             &mut f.reset_rate,
             &mut f.lost_answer_rate,
             &mut f.late_apply_rate,
+            &mut f.stale_read_rate,
         ] {
             *r = if r.is_nan() { 0.0 } else { r.clamp(0.0, 1.0) };
         }

@@ -51,6 +51,7 @@ impl Shared {
     }
 
     pub fn set_faults(&self, f: Faults) {
+        lock(&self.world).keep_previous(f.stale_read_rate > 0.0);
         *self.faults.write().unwrap_or_else(|e| e.into_inner()) = f;
     }
 
@@ -771,7 +772,11 @@ async fn post_batch(
 
 async fn get_entity(State(s): State<Arc<Shared>>, Path(id): Path<String>) -> Response {
     Stats::add(&s.stats.requests_read, 1);
-    let e = lock(&s.world).entities.get(&id).cloned();
+    let stale = s.roll(s.faults().stale_read_rate);
+    if stale {
+        Stats::add(&s.stats.fault_stale_read, 1);
+    }
+    let e = lock(&s.world).read(&id, stale);
     match e {
         Some(e) => Json(e.to_json()).into_response(),
         None => json_error(StatusCode::NOT_FOUND, "Entity not found"),

@@ -86,16 +86,40 @@ pub(crate) struct World {
     pub applied: u64,
     /// Events refused for validation, newest last, at most `log_capacity`.
     pub rejected: VecDeque<RejectedEvent>,
+    /// Per entity, its state before its last applied event (`None`: it did not exist), kept
+    /// only while `keep_previous` (the stale-read fault): a clone per event costs memory and
+    /// time a benchmark should not pay.
+    previous: HashMap<String, Option<Entity>>,
+    keep_previous: bool,
 }
 
 impl World {
-    pub fn new(log_capacity: usize) -> Self {
+    pub fn new(log_capacity: usize, keep_previous: bool) -> Self {
         World {
             entities: HashMap::new(),
             log: VecDeque::new(),
             log_capacity,
             applied: 0,
             rejected: VecDeque::new(),
+            previous: HashMap::new(),
+            keep_previous,
+        }
+    }
+
+    /// Starts or stops remembering earlier states (stopping forgets them).
+    pub fn keep_previous(&mut self, on: bool) {
+        self.keep_previous = on;
+        if !on {
+            self.previous = HashMap::new();
+        }
+    }
+
+    /// An entity as a read shows it; `stale`: as it was before its last applied event, when
+    /// that is remembered.
+    pub fn read(&self, id: &str, stale: bool) -> Option<Entity> {
+        match self.previous.get(id) {
+            Some(before) if stale => before.clone(),
+            _ => self.entities.get(id).cloned(),
         }
     }
 
@@ -117,6 +141,10 @@ impl World {
             .map(Value::take)
             .unwrap_or(Value::Null);
         if let (Some(id), Some(props)) = (&entity_id, properties.as_object()) {
+            if self.keep_previous && !props.is_empty() {
+                self.previous
+                    .insert(id.clone(), self.entities.get(id).cloned());
+            }
             if props.get(crate::model::DELETE_PROPERTY) == Some(&Value::Bool(true)) {
                 self.entities.remove(id);
             } else if !props.is_empty() {
@@ -247,6 +275,7 @@ stats! {
     requests_single, requests_batch, requests_read, answered_2xx, answered_4xx, answered_5xx,
     // request-level faults
     fault_link_down, fault_reset, fault_hang, fault_429, fault_500, fault_lost_answer,
+    fault_stale_read,
     // events
     events_received, events_applied, events_applied_late, events_validation_failed,
     events_auth_failed, events_rate_limited, events_publish_failed, events_late_scheduled,

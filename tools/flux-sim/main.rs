@@ -64,6 +64,9 @@ struct Args {
     late_apply_delay_ms: u64,
     #[arg(long)]
     link_down: bool,
+    /// Entity reads that show the entity as it was before its last applied event.
+    #[arg(long, default_value_t = 0.0)]
+    stale_read_rate: f64,
 }
 
 #[tokio::main]
@@ -92,6 +95,7 @@ async fn run(a: Args) -> Result<(), Box<dyn std::error::Error>> {
         late_apply_rate: a.late_apply_rate,
         late_apply_delay_ms: a.late_apply_delay_ms,
         link_down: a.link_down,
+        stale_read_rate: a.stale_read_rate,
     };
     faults.check()?;
     let cfg = SimConfig {

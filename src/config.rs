@@ -707,6 +707,21 @@ impl Config {
                 }
             }
         }
+        // A Flux token means a namespaced (public-mode) Flux (the 0xSCADA integration's
+        // FLUX_AUTH_TOKEN): it refuses ids that are not `namespace/rest`, so without
+        // public_mode mapped ids like scada/asset/site-1/TR-MAIN-01 would be accepted here and
+        // quarantined at delivery instead of folded (mapper) or refused at ingest.
+        if (self.flux.auth_token.is_some() || self.flux.auth_token_file.is_some())
+            && !self.ingest.public_mode
+        {
+            out.push(
+                "flux.auth_token is set but ingest.public_mode is off: a token means a \
+                 public-mode Flux, which refuses entity ids with more than one slash \
+                 (e.g. scada/asset/site-1/TR-MAIN-01); set ingest.public_mode = true so \
+                 mapped ids are folded and other ids are refused at ingest"
+                    .into(),
+            );
+        }
         if self.durability == Durability::Flush {
             out.push(
                 "durability = \"flush\": acknowledged updates survive kill -9 but NOT power loss"
@@ -1052,6 +1067,42 @@ mod tests {
         c.resolve().unwrap();
         c.validate().unwrap();
         assert_eq!(c.flux.source, Some(format!("outbox-{}", c.gateway_id)));
+    }
+
+    #[test]
+    fn warns_about_a_flux_token_without_public_mode() {
+        let warned = |c: &Config| {
+            c.warnings()
+                .iter()
+                .any(|w| w.contains("flux.auth_token") && w.contains("ingest.public_mode"))
+        };
+        let with = |text: &str, env: &[(&str, &str)]| {
+            let mut c = parse(text).unwrap();
+            c.apply_env(env_of(env)).unwrap();
+            c
+        };
+        // A token in the file, from the environment, or as a file; public mode off: warned.
+        assert!(warned(&with(
+            "[flux]\nurl = \"http://127.0.0.1:3000\"\nauth_token = \"t\"\n",
+            &[]
+        )));
+        assert!(warned(&with(
+            "[flux]\nurl = \"http://127.0.0.1:3000\"\n",
+            &[("FLUX_AUTH_TOKEN", "t")]
+        )));
+        assert!(warned(&with(
+            "[flux]\nauth_token_file = \"/run/credentials/x/flux\"\n",
+            &[]
+        )));
+        // Public mode on, or no token: not warned.
+        assert!(!warned(&with(
+            "[ingest]\npublic_mode = true\n[flux]\nurl = \"http://127.0.0.1:3000\"\nauth_token = \"t\"\n",
+            &[]
+        )));
+        assert!(!warned(&with(
+            "[flux]\nurl = \"http://127.0.0.1:3000\"\n",
+            &[]
+        )));
     }
 
     #[test]

@@ -183,14 +183,22 @@ async fn accept(
     }
 }
 
-pub fn store_error(metrics: &Metrics, e: StoreError, n: u64) -> Response {
+/// The `flux_outbox_ingest_rejected_total` reason of a store refusal. Shared with the
+/// WebSocket source so one alert (`FluxOutboxIngestRefusedFull`) sees every producer.
+pub fn store_error_reason(e: &StoreError) -> &'static str {
     match e {
-        StoreError::Full(_) => {
-            metrics.reject("outbox_full", n);
-            error(StatusCode::INSUFFICIENT_STORAGE, e.to_string())
-        }
+        StoreError::Full(_) => "outbox_full",
+        StoreError::Storage(_) => "storage_error",
+        StoreError::Closed => "shutting_down",
+        _ => "internal",
+    }
+}
+
+pub fn store_error(metrics: &Metrics, e: StoreError, n: u64) -> Response {
+    metrics.reject(store_error_reason(&e), n);
+    match e {
+        StoreError::Full(_) => error(StatusCode::INSUFFICIENT_STORAGE, e.to_string()),
         StoreError::Storage(_) => {
-            metrics.reject("storage_error", n);
             // The write may have reached sled and only the sync failed: then the updates can
             // still be delivered later. Promise only what is true: not acknowledged.
             error(
@@ -201,14 +209,8 @@ pub fn store_error(metrics: &Metrics, e: StoreError, n: u64) -> Response {
                 ),
             )
         }
-        StoreError::Closed => {
-            metrics.reject("shutting_down", n);
-            error(StatusCode::SERVICE_UNAVAILABLE, e.to_string())
-        }
-        other => {
-            metrics.reject("internal", n);
-            error(StatusCode::INTERNAL_SERVER_ERROR, other.to_string())
-        }
+        StoreError::Closed => error(StatusCode::SERVICE_UNAVAILABLE, e.to_string()),
+        other => error(StatusCode::INTERNAL_SERVER_ERROR, other.to_string()),
     }
 }
 

@@ -19,6 +19,16 @@
 //! as the publisher did (`BK-FEEDER-01.CURRENT` -> entity `scada/bk-feeder-01`, property
 //! `current`).
 //!
+//! # What feeds which mapping
+//!
+//! The WebSocket source ([`crate::source_ws`]) calls [`Mapper::map_tag`] and
+//! [`Mapper::map_alarm`] only: 0xSCADA's live stream carries tag readings (`tag:snapshot`,
+//! `tag:update`, `tag:batch`) and alarms (`alarm:update`), no site or asset records (those are
+//! rows of 0xSCADA's database). [`Mapper::map_site`] and [`Mapper::map_asset`] are not fed by
+//! it, and nothing in the worker calls them; they are for code embedding the crate. Site and
+//! asset entities reach Flux when a producer posts them over the HTTP ingest API, with the ids
+//! these functions would build. The heartbeat uses [`Mapper::gateway_entity`].
+//!
 //! # Id forms
 //!
 //! An id is the entity prefix (`flux.entity_prefix`, env `FLUX_ENTITY_PREFIX`, default

@@ -13,7 +13,9 @@
 //! - Sent: `{"type":"subscribe","tags":[...]}` after connecting when `tags` is not empty (the
 //!   snapshot may still hold every tag, so the filter is applied locally too), and
 //!   `{"type":"ping"}` every `ping_interval`; a connection that received nothing for
-//!   `idle_timeout` is dropped and reopened. WebSocket ping frames are answered (pong).
+//!   `idle_timeout` is dropped and reopened. Time the reader spends waiting for the ingest queue
+//!   (backpressure from our own store) does not count as silence: the idle clock restarts when
+//!   reading resumes. WebSocket ping frames are answered (pong).
 //!
 //! # Ordering and reconnects
 //! Every update carries the reading's own `timestamp` as its version, so the store's
@@ -32,7 +34,10 @@
 //! - Mapped updates wait in a bounded queue ([`QUEUE_MESSAGES_MAX`] messages); the ingest task
 //!   takes at most `updates_per_ingest_max` updates per `Store::ingest` call. When the store
 //!   refuses (full, disk error) the batch is retried with back-off and the queue fills, so the
-//!   reader stops reading: backpressure, never a silent drop.
+//!   reader stops reading: backpressure, never a silent drop. Each refused attempt is counted
+//!   in `flux_outbox_ingest_rejected_total{reason="outbox_full"|"storage_error"}` as the HTTP
+//!   path counts its 507s (so the same alert covers both), besides
+//!   `flux_outbox_source_bad_total{reason="store_refused"}`.
 //!
 //! Connection state is in `/metrics` (`flux_outbox_source_*{source="oxscada_ws"}`) and in the
 //! `/readyz` body (`sources.oxscada_ws`). It does not make the worker unready: HTTP ingest and
@@ -787,8 +792,15 @@ async fn session(
                         tracing::warn!(reason, count = n, event = %parsed.event, "0xSCADA message: {detail}");
                     }
                 }
-                if !parsed.updates.is_empty() && tx.send(parsed.updates).await.is_err() {
-                    return received; // the ingest task is gone: shutting down
+                if !parsed.updates.is_empty() {
+                    if tx.send(parsed.updates).await.is_err() {
+                        return received; // the ingest task is gone: shutting down
+                    }
+                    // The send waits while the store refuses (backpressure), and meanwhile
+                    // nothing is read and no ping goes out: that time is our own stall, not
+                    // the server's silence, so the idle clock restarts once reading resumes.
+                    // Without this the next ping tick dropped a healthy connection.
+                    last_rx = Instant::now();
                 }
             }
         }
@@ -859,6 +871,13 @@ async fn ingest_loop(
                     return;
                 }
                 Err(e) => {
+                    // Counted like an HTTP 507, per refused attempt: the refusal is the same
+                    // condition whoever produced the updates, and a count that keeps rising
+                    // while the store keeps refusing keeps `FluxOutboxIngestRefusedFull` firing
+                    // (its `increase(...[10m])` would clear after one count).
+                    state
+                        .metrics
+                        .reject(crate::ingest::store_error_reason(&e), count);
                     let c = status.bad("store_refused");
                     if should_log(c) {
                         tracing::warn!(error = %e, updates = count, "0xSCADA updates not stored yet; retrying");

@@ -6,6 +6,7 @@
 use std::path::Path;
 
 use flux_outbox::config::{Config, Secret};
+use flux_outbox::source_ws::OxscadaWsConfig;
 
 const EXAMPLE: &str = include_str!("../ops/flux-outbox.toml");
 
@@ -39,7 +40,15 @@ fn example_mentions_every_key() {
     full.flux.source = Some("s".into());
     full.admin.token = Some(Secret::new("t"));
     full.admin.token_file = Some("f".into());
+    // [sources] defaults to no source at all: fill in the WebSocket source so its keys are
+    // checked too (they appear commented out in the example).
+    full.sources.oxscada_ws = Some(OxscadaWsConfig {
+        api_key: Some(Secret::new("t")),
+        api_key_file: Some("f".into()),
+        ..OxscadaWsConfig::default()
+    });
     let rendered = full.render_effective();
+    assert!(rendered.contains("[sources.oxscada_ws]"), "{rendered}");
     let mut table = String::new();
     for line in rendered
         .lines()
@@ -58,6 +67,35 @@ fn example_mentions_every_key() {
             "example lacks {table} {key}"
         );
     }
+}
+
+#[test]
+fn commented_out_source_table_shows_the_defaults() {
+    // Uncommenting [sources.oxscada_ws] as shipped (without the key, which has no default)
+    // configures exactly the source's defaults: the values the example shows are true.
+    let start = EXAMPLE
+        .find("# [sources.oxscada_ws]")
+        .expect("example has a commented-out [sources.oxscada_ws]");
+    let mut text = EXAMPLE[..start].to_string();
+    let mut keys = 0;
+    for line in EXAMPLE[start..].lines() {
+        let Some(rest) = line.strip_prefix("# ") else {
+            continue;
+        };
+        let is_key = rest.starts_with('[')
+            || rest
+                .split_once(" = ")
+                .is_some_and(|(k, _)| k.chars().all(|c| c.is_ascii_lowercase() || c == '_'));
+        if is_key && !rest.starts_with("api_key") {
+            text.push_str(rest);
+            text.push('\n');
+            keys += usize::from(!rest.starts_with('['));
+        }
+    }
+    assert_eq!(keys, 10, "source keys shown (all but the key):\n{text}");
+    let parsed = Config::from_toml_str(&text, "example, source uncommented").unwrap();
+    assert_eq!(parsed.sources.oxscada_ws, Some(OxscadaWsConfig::default()));
+    parsed.validate().unwrap();
 }
 
 #[test]

@@ -1,6 +1,6 @@
 //! The gateway heartbeat reaches Flux through the outbox: `{prefix}gateway/{gateway_id}` with
 //! version, backlog and delivery facts; folded into `namespace/rest` for a public-mode Flux; and
-//! off when disabled.
+//! off when disabled; and during an outage it carries the real backlog (values, not just types).
 // Configs are built field by field from the defaults on purpose: each line is a deliberate
 // difference from production settings.
 #![allow(clippy::field_reassign_with_default)]
@@ -165,6 +165,122 @@ async fn heartbeat_can_be_disabled() {
         (0, 0, 0),
         "nothing ingested"
     );
+    stop_worker(stop, task).await;
+    flux.shutdown().await;
+}
+
+/// The heartbeat reports a real backlog with its values, not just well-typed fields. During an
+/// outage three keys are posted and left pending; the beat that reaches Flux first when the
+/// link returns was written during the outage (the newest beat waits in the outbox like any
+/// update), so it must say: those keys pending, pending for at least as long as they had been
+/// when it was written, link down, and a last delivery from before the outage. Once the
+/// backlog is delivered, later beats say link up with a fresh delivery time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn heartbeat_reports_the_backlog_of_an_outage() {
+    use flux_outbox::model::now_ms;
+    use flux_outbox::sim::Faults;
+    const ID: &str = "scada/gateway/gw-hb";
+    let dir = tempfile::tempdir().unwrap();
+    let flux = sim::start(
+        sim::SimConfig::default(),
+        TcpListener::bind("127.0.0.1:0").await.unwrap(),
+    )
+    .await
+    .unwrap();
+    let (running, stop, task) = start_worker(config(dir.path(), &flux)).await;
+    let before = wait_for_beat(&flux, ID).await;
+    let hb_props = before.len() as u64;
+
+    // The outage, and a backlog of three keys.
+    flux.set_faults(Faults {
+        link_down: true,
+        ..Faults::default()
+    });
+    let outage_start = now_ms();
+    let since = flux.applied_count();
+    let r = reqwest::Client::new()
+        .post(format!("http://{}/v1/updates", running.ingest_addr))
+        .header("content-type", "application/json")
+        .body(json!({"entity": "scada/pump-1", "properties": {"a": 1, "b": 2, "c": 3}}).to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let posted = now_ms();
+    // Several beats (interval 150ms) while the keys wait.
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    assert!(
+        flux.entity("scada/pump-1").is_none(),
+        "delivered during the outage"
+    );
+    let restored = now_ms();
+    flux.set_faults(Faults::default());
+
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let first = loop {
+        let beat = flux
+            .applied_since(since)
+            .into_iter()
+            .find(|e| e.entity_id.as_deref() == Some(ID));
+        if let Some(b) = beat {
+            // Flux's state right after that event: the flusher sends only the properties that
+            // changed (an unchanged quarantine_keys 0 is not re-sent).
+            let mut state = before.clone();
+            if let Some(changed) = b.properties.as_object() {
+                state.extend(changed.clone());
+            }
+            break serde_json::Value::Object(state);
+        }
+        assert!(Instant::now() < deadline, "no heartbeat after the outage");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let num = |k: &str| {
+        first[k]
+            .as_u64()
+            .unwrap_or_else(|| panic!("{k}: {:?}", first.get(k)))
+    };
+    let written = num("heartbeat_ms");
+    assert!(
+        (posted..=restored + 1000).contains(&written),
+        "the first beat after the outage was written during it: {first}"
+    );
+    // The three posted keys, plus at most the previous beat's own keys.
+    let pending = num("pending_keys");
+    assert!(
+        (3..=3 + hb_props).contains(&pending),
+        "pending_keys {pending}: {first}"
+    );
+    let age = num("oldest_pending_age_ms");
+    assert!(
+        age > 0 && age >= written - posted,
+        "oldest_pending_age_ms {age}, but a key had waited {} ms: {first}",
+        written - posted
+    );
+    assert_eq!(first["link"], json!("down"), "{first}");
+    let last = num("last_delivery_ms");
+    assert!(
+        last <= outage_start,
+        "last delivery {last} is from before the outage ({outage_start}): {first}"
+    );
+    assert_eq!(num("quarantine_keys"), 0);
+
+    // Delivered, and the beats catch up.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let p = flux.entity(ID).map(|e| e.properties).unwrap_or_default();
+        let fresh = p
+            .get("last_delivery_ms")
+            .and_then(|v| v.as_u64())
+            .is_some_and(|t| t >= restored);
+        if fresh && p.get("link") == Some(&json!("up")) && flux.entity("scada/pump-1").is_some() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no fresh beat after the outage: {p:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     stop_worker(stop, task).await;
     flux.shutdown().await;
 }

@@ -62,6 +62,65 @@ fn every_active_key_of_the_example_has_a_comment() {
     }
 }
 
+/// `# name = value`: a key shown commented out (its default, or an example where it has none).
+fn commented_out_key(line: &str) -> Option<&str> {
+    let rest = line.trim().strip_prefix("# ")?;
+    let (name, _) = rest.split_once(" = ")?;
+    (!name.is_empty() && name.chars().all(|c| c.is_ascii_lowercase() || c == '_')).then_some(name)
+}
+
+/// Whether `text` names `key` as a whole word (`token_file` is not named by `auth_token_file`).
+fn names_key(text: &str, key: &str) -> bool {
+    let word = |c: char| c.is_ascii_alphanumeric() || c == '_';
+    text.match_indices(key).any(|(i, _)| {
+        !text[..i].chars().next_back().is_some_and(word)
+            && !text[i + key.len()..].chars().next().is_some_and(word)
+    })
+}
+
+#[test]
+fn every_commented_out_key_of_the_example_has_a_comment() {
+    // A commented-out key shows its default (or an example value where the default is none);
+    // it needs its own explanation right above it, or, for keys documented together (token /
+    // token_file), to be named in the explanation of its group.
+    let text = read("flux-outbox.toml");
+    let lines: Vec<&str> = text.lines().collect();
+    let mut checked = Vec::new();
+    for (i, line) in lines.iter().enumerate() {
+        let Some(key) = commented_out_key(line) else {
+            continue;
+        };
+        let block: Vec<&str> = lines[..i]
+            .iter()
+            .rev()
+            .map(|l| l.trim())
+            .take_while(|l| l.starts_with('#'))
+            .collect();
+        let prose = |l: &str| commented_out_key(l).is_none() && !l.starts_with("# [");
+        let own = block.first().is_some_and(|l| prose(l));
+        let in_group = block.iter().any(|l| prose(l) && names_key(l, key));
+        assert!(
+            own || in_group,
+            "ops/flux-outbox.toml: commented-out `{}` has no comment of its own above it",
+            line.trim()
+        );
+        checked.push(key);
+    }
+    // The test sees the optional keys, including the whole [sources.oxscada_ws] table.
+    for key in [
+        "gateway_id",
+        "url",
+        "alarms",
+        "reconnect_max",
+        "idle_timeout",
+    ] {
+        assert!(
+            checked.contains(&key),
+            "{key} not found commented out: {checked:?}"
+        );
+    }
+}
+
 /// `key=value` settings of the unit (later lines win, as in systemd, except list settings
 /// that accumulate; those are checked with `all`).
 fn unit() -> Vec<(String, String)> {
@@ -140,9 +199,11 @@ fn unit_keeps_what_the_worker_relies_on() {
 fn alerts_use_metrics_the_worker_exports() {
     let alerts = read("prometheus/alerts.yml");
     let exported = format!(
-        "{}{}",
+        "{}{}{}",
         include_str!("../src/metrics.rs"),
-        include_str!("../src/admin.rs")
+        include_str!("../src/admin.rs"),
+        // The WebSocket source renders its own flux_outbox_source_* lines.
+        include_str!("../src/source_ws.rs")
     );
     let mut names: Vec<&str> = alerts
         .match_indices("flux_outbox_")

@@ -2,9 +2,14 @@
 //! header, echoes `oxscada.v1`) sends a snapshot and thousands of tag updates, drops the
 //! connection twice, then sends an alarm and pings; the worker runs in-process against
 //! flux-sim, and flux-sim must end holding the newest value of every tag under the mapped names,
-//! for both presets, with every event stamped with the readings' own source timestamps. Further
+//! for both presets, with every event stamped with the readings' own source timestamps. Before
+//! each drop the server changes some tags without sending them (as readings that change while
+//! the link breaks), and streams those tags no more: only the snapshot after the reconnect can
+//! carry them, so flux-sim holding them proves the snapshot recovers lost readings. Further
 //! tests: the tag filter's subscribe message reaches a server that honours it, a silent server
-//! is dropped after `idle_timeout` and reconnected, a refused key, an oversized message.
+//! is dropped after `idle_timeout` and reconnected, a refused key, an oversized message, and a
+//! store that refuses for longer than `idle_timeout` neither drops a healthy connection nor
+//! hides its refusals from `flux_outbox_ingest_rejected_total`.
 // Configs are built field by field from the defaults on purpose; the handshake callbacks
 // return tungstenite's own (large) ErrorResponse type.
 #![allow(clippy::field_reassign_with_default, clippy::result_large_err)]
@@ -34,6 +39,8 @@ const SENSORS: usize = 10;
 const UPDATES_PER_CONNECTION: usize = 1500;
 const CONNECTIONS_DROPPED: usize = 2;
 const TS_BASE_MS: u64 = 1_772_366_400_000;
+/// Tag indexes (plus 10 per dropped connection) changed silently before each drop.
+const SILENT_TAGS: [usize; 2] = [3, 7];
 
 fn tag(i: usize) -> String {
     format!("EQ-{}.S{}", i % EQUIPMENT, (i / EQUIPMENT) % SENSORS)
@@ -55,6 +62,9 @@ struct FakeScada {
     app_pings: AtomicUsize,
     /// Every reading sent: value (its bits; values are unique per reading) -> source ts.
     sent: Mutex<std::collections::HashMap<u64, u64>>,
+    /// Readings changed in `current` just before a drop and never sent as an update (tag,
+    /// value); those tags are not streamed again, so only a snapshot can deliver them.
+    silent: Mutex<Vec<(String, f64)>>,
 }
 
 impl FakeScada {
@@ -70,6 +80,23 @@ impl FakeScada {
             })
             .collect();
         Message::text(json!({"event": "tag:snapshot", "payload": payload}).to_string())
+    }
+
+    /// Tags changed silently before a drop: the stream leaves them alone from then on.
+    fn frozen(&self, t: &str) -> bool {
+        self.silent.lock().unwrap().iter().any(|(s, _)| s == t)
+    }
+
+    /// Changes a tag's current value without sending anything: what the next snapshot must
+    /// deliver.
+    fn change_silently(&self, t: &str, value: f64, ts: u64) {
+        self.current
+            .lock()
+            .unwrap()
+            .insert(t.to_string(), (value, ts));
+        // It is sent, in the snapshot: its source time is checked like any reading's.
+        self.sent.lock().unwrap().insert(value.to_bits(), ts);
+        self.silent.lock().unwrap().push((t.to_string(), value));
     }
 
     fn reading(&self, i: usize, value: f64, ts: u64) -> Value {
@@ -127,8 +154,9 @@ async fn serve_scada(listener: TcpListener, scada: Arc<FakeScada>) {
             let value = (k * 1_000_000 + i) as f64 + 0.5;
             ts += 1;
             let msg = if i % 10 == 0 {
-                // A batch of 5 readings.
+                // A batch of (up to) 5 readings.
                 let items: Vec<Value> = (0..5)
+                    .filter(|j| !scada.frozen(&tag(i + j)))
                     .map(|j| {
                         ts += 1;
                         scada.reading(i + j, value + j as f64, ts)
@@ -136,6 +164,9 @@ async fn serve_scada(listener: TcpListener, scada: Arc<FakeScada>) {
                     .collect();
                 i += 5;
                 json!({"event": "tag:batch", "payload": items})
+            } else if scada.frozen(&tag(i)) {
+                i += 1;
+                continue;
             } else {
                 let r = scada.reading(i, value, ts);
                 i += 1;
@@ -150,6 +181,13 @@ async fn serve_scada(listener: TcpListener, scada: Arc<FakeScada>) {
             }
         }
         if k < CONNECTIONS_DROPPED {
+            // Readings that change while the connection breaks: in the server's state, never
+            // sent as updates, never streamed again.
+            for (j, i) in SILENT_TAGS.iter().enumerate() {
+                ts += 1;
+                let value = (k * 1_000_000 + 900_000 + j) as f64 + 0.25;
+                scada.change_silently(&tag(i + k * 10), value, ts);
+            }
             // Drop without a close handshake: the client must reconnect and catch up from the
             // next snapshot.
             drop(ws);
@@ -277,6 +315,18 @@ async fn run_scenario(preset: Preset) {
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     assert!(missing.is_empty(), "{preset:?}: not converged: {missing:?}");
+    // The readings only a snapshot carried are in Flux: the reconnect recovered them.
+    let silent = scada.silent.lock().unwrap().clone();
+    assert_eq!(silent.len(), SILENT_TAGS.len() * CONNECTIONS_DROPPED);
+    let state = flux.entities();
+    for (t, v) in &silent {
+        let (entity, prop) = mapped(preset, t);
+        assert_eq!(
+            state.get(&entity).and_then(|p| p.get(&prop)),
+            Some(&json!(v)),
+            "{preset:?}: {t}={v}, changed while the link broke, not recovered by the snapshot"
+        );
+    }
     assert_eq!(scada.bad_handshakes.load(Ordering::SeqCst), 0);
     assert!(scada.connections.load(Ordering::SeqCst) > CONNECTIONS_DROPPED);
     assert!(
@@ -702,4 +752,186 @@ async fn silent_server_is_dropped_after_idle_timeout_and_reconnected() {
         .unwrap();
     assert_eq!(exit, app::Exit::Stopped);
     server.abort();
+}
+
+/// Backpressure from our own store is not silence from 0xSCADA. The outbox is full (Flux
+/// down, a prefilled backlog at `store.pending_keys_max`), so the source's updates are refused
+/// and the reader blocks on its full queue for several `idle_timeout`s while the server, which
+/// answers every ping, waits. Every refusal is counted in
+/// `flux_outbox_ingest_rejected_total{reason="outbox_full"}`, as for an HTTP producer. When
+/// Flux returns and the backlog drains, the same connection goes on: no idle-timeout drop, no
+/// reconnect, and every blocked reading is delivered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn store_backpressure_keeps_the_connection_and_counts_refusals() {
+    use flux_outbox::source_ws::QUEUE_MESSAGES_MAX;
+    // One message the ingest task holds (updates_per_ingest_max = 1), a full queue, and one
+    // the reader is blocked sending: the reader has then read everything the server sent, so
+    // nothing is buffered that could look like traffic when it resumes.
+    const MESSAGES: usize = QUEUE_MESSAGES_MAX + 2;
+    let dir = tempfile::tempdir().unwrap();
+    let flux = sim::start(
+        sim::SimConfig::default(),
+        TcpListener::bind("127.0.0.1:0").await.unwrap(),
+    )
+    .await
+    .unwrap();
+    flux.set_faults(sim::Faults {
+        link_down: true,
+        ..sim::Faults::default()
+    });
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let ws_url = format!("ws://{}/ws/tags", listener.local_addr().unwrap());
+    let conns = Arc::new(AtomicUsize::new(0));
+    let pings = Arc::new(AtomicUsize::new(0));
+    let go = Arc::new(tokio::sync::Notify::new());
+    let (c, p, g) = (conns.clone(), pings.clone(), go.clone());
+    let server = tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let echo = |_: &Request, mut resp: Response| -> Result<Response, ErrorResponse> {
+                resp.headers_mut().insert(
+                    "Sec-WebSocket-Protocol",
+                    HeaderValue::from_static("oxscada.v1"),
+                );
+                Ok(resp)
+            };
+            let Ok(mut ws) = tokio_tungstenite::accept_hdr_async(stream, echo).await else {
+                continue;
+            };
+            if c.fetch_add(1, Ordering::SeqCst) == 0 {
+                // Only once the backlog fills the outbox.
+                g.notified().await;
+                for n in 1..=MESSAGES {
+                    let update = json!({"event":"tag:update","payload":{"tagName":"EQ-0.S0",
+                        "value": n, "quality": "good", "timestamp": iso(TS_BASE_MS + n as u64)}});
+                    if ws.send(Message::text(update.to_string())).await.is_err() {
+                        break;
+                    }
+                }
+            }
+            // Healthy from here on: every ping is answered.
+            let p = p.clone();
+            tokio::spawn(async move {
+                while let Some(Ok(m)) = ws.next().await {
+                    if matches!(&m, Message::Text(t) if t.as_str().contains("\"ping\"")) {
+                        p.fetch_add(1, Ordering::SeqCst);
+                        let _ = ws.send(Message::text(r#"{"event":"pong"}"#)).await;
+                    }
+                }
+            });
+        }
+    });
+    let mut cfg = worker_config(dir.path(), &flux.url(), &ws_url, Preset::Scaffold);
+    cfg.store.pending_keys_max = 4;
+    if let Some(ws) = cfg.sources.oxscada_ws.as_mut() {
+        ws.api_key = None;
+        ws.updates_per_ingest_max = 1;
+        ws.ping_interval = Duration::from_millis(100);
+        ws.idle_timeout = Duration::from_millis(400);
+    }
+    cfg.validate().unwrap();
+    let (running, stop, task) = start_worker(cfg).await;
+    let status = &running.metrics.oxscada_ws;
+
+    // The backlog: exactly pending_keys_max keys, so any new key is refused.
+    let http = reqwest::Client::new();
+    let r = http
+        .post(format!("http://{}/v1/updates", running.ingest_addr))
+        .header("content-type", "application/json")
+        .body(
+            json!({"entity": "scada/backlog", "properties": {"a": 1, "b": 2, "c": 3, "d": 4}})
+                .to_string(),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    go.notify_one();
+
+    let refused = || {
+        running
+            .metrics
+            .ingest_rejected
+            .lock()
+            .unwrap()
+            .get("outbox_full")
+            .copied()
+            .unwrap_or(0)
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while (refused() == 0 || status.messages.load(Ordering::Relaxed) < MESSAGES as u64)
+        && Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        status.messages.load(Ordering::Relaxed),
+        MESSAGES as u64,
+        "the reader read all and blocked on the last"
+    );
+    // Blocked for three idle timeouts, with nothing to read.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert_eq!(status.updates_ingested.load(Ordering::Relaxed), 0);
+    assert!(status.bad_count("store_refused") > 0);
+    let metrics = http
+        .get(format!("http://{}/metrics", running.admin_addr))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let line = metrics
+        .lines()
+        .find(|l| l.starts_with("flux_outbox_ingest_rejected_total{reason=\"outbox_full\"}"))
+        .unwrap_or_else(|| {
+            panic!("the source's refusals are not in the rejected metric:\n{metrics}")
+        });
+    let n: u64 = line.rsplit(' ').next().unwrap().parse().unwrap();
+    assert!(n > 0, "{line}");
+
+    // Flux returns, the backlog drains, the blocked readings go in.
+    let pings_before = pings.load(Ordering::SeqCst);
+    flux.set_faults(sim::Faults::default());
+    let want = json!(MESSAGES);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while flux
+        .entity("scada/asset/site-1/EQ-0")
+        .and_then(|e| e.properties.get("tag/EQ-0.S0").cloned())
+        != Some(want.clone())
+        && Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // A few idle timeouts more, with the pings answered.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert_eq!(
+        flux.entity("scada/asset/site-1/EQ-0")
+            .and_then(|e| e.properties.get("tag/EQ-0.S0").cloned()),
+        Some(want),
+        "the newest blocked reading reached Flux"
+    );
+    assert_eq!(
+        status.updates_ingested.load(Ordering::Relaxed),
+        MESSAGES as u64,
+        "every blocked reading was ingested"
+    );
+    assert_eq!(
+        status.bad_count("idle_timeout"),
+        0,
+        "a healthy connection was dropped for time spent blocked on our own store"
+    );
+    assert_eq!(conns.load(Ordering::SeqCst), 1, "no reconnect");
+    assert!(
+        pings.load(Ordering::SeqCst) > pings_before,
+        "pings go out again after the stall"
+    );
+    let _ = stop.send(());
+    let exit = tokio::time::timeout(Duration::from_secs(20), task)
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(exit, app::Exit::Stopped);
+    server.abort();
+    flux.shutdown().await;
 }

@@ -318,10 +318,10 @@ impl Flusher {
         Arc::new(flusher)
     }
 
-    /// After a restart the in-memory suspects are gone, but a pending key whose last attempt had
-    /// an unknown outcome says its entity may still get a late write: watch it again.
+    /// After a restart the in-memory suspects are gone: reload the convergence records (`S`,
+    /// at most `SUSPECTS_MAX`, so this is cheap enough for the start-up path). Pending keys
+    /// with an unknown last outcome are restored by [`Flusher::run`].
     fn restore_suspects(&self) {
-        const RESTORE_SCAN_MAX: usize = 100_000;
         let now = Instant::now();
         // What the convergence memory held when the worker stopped (it is written with every
         // settle that changes it): an entity whose newer value was delivered is still watched.
@@ -341,24 +341,36 @@ impl Flusher {
             }
             Err(e) => tracing::warn!(error = %e, "cannot read the convergence records"),
         }
-        let rows = match self.store.pending_rows(None, None, RESTORE_SCAN_MAX) {
-            Ok(rows) => rows,
-            Err(e) => {
+    }
+
+    /// The second half of the restore, run by [`Flusher::run`] before its first drain and off
+    /// the start-up path: it streams over the whole pending set (seconds with a million keys),
+    /// and readiness must not wait for that. A pending key whose last attempt had an unknown
+    /// outcome says its entity may still get a late write: watch it again.
+    async fn restore_pending_suspects(&self) {
+        let store = self.store.clone();
+        let found = tokio::task::spawn_blocking(move || {
+            store.entities_with_error_prefix(SUSPECT_TAG, SUSPECTS_MAX)
+        })
+        .await;
+        let entities = match found {
+            Ok(Ok(entities)) => entities,
+            Ok(Err(e)) => {
                 tracing::warn!(error = %e, "cannot list pending keys to restore suspects");
                 return;
             }
+            Err(e) => {
+                tracing::warn!(error = %e, "restoring suspects failed");
+                return;
+            }
         };
+        let now = Instant::now();
         let mut suspects = self.suspects.lock().unwrap_or_else(|p| p.into_inner());
-        for r in rows {
-            if r.last_error
-                .as_deref()
-                .is_some_and(|e| e.starts_with(SUSPECT_TAG))
-            {
-                let s = suspects.entry(r.entity.clone()).or_default();
-                s.unknown_any = true;
-                if s.until.is_none() {
-                    self.arm(s, now);
-                }
+        for entity in entities {
+            let s = suspects.entry(entity).or_default();
+            s.unknown_any = true;
+            if s.until.is_none() {
+                self.arm(s, now);
             }
         }
     }
@@ -379,6 +391,7 @@ impl Flusher {
     /// size: read from an in-memory counter of the store, no scan), or right after a back-off
     /// delay (the back-off, not the interval, then decides when failed keys are tried again).
     pub async fn run(self: Arc<Self>, mut shutdown: watch::Receiver<bool>) {
+        self.restore_pending_suspects().await;
         let mut pacer = RetryPacer::new(&self.opts);
         let mut last_flush = Instant::now();
         let mut bytes_at_last_flush = self.store.ingested_bytes();

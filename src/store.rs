@@ -1813,6 +1813,41 @@ impl Store {
         tree_pending_rows(&self.db(), entity_prefix, older_than_ms, limit)
     }
 
+    /// Entities with a pending key whose last error starts with `error_prefix`, at most
+    /// `limit`. Streams over the pending set holding only the matching entity ids (a listing of
+    /// rows would hold every pending value in memory at once: tens of MB with a large backlog,
+    /// right at start-up). Unreadable records are skipped (the compactor and `verify` report
+    /// them).
+    pub fn entities_with_error_prefix(
+        &self,
+        error_prefix: &str,
+        limit: usize,
+    ) -> Result<HashSet<String>, StoreError> {
+        let mut out = HashSet::new();
+        for item in self.db().scan_prefix(b"P") {
+            if out.len() >= limit {
+                break;
+            }
+            let (k, v) = item.map_err(StoreError::storage)?;
+            let Ok(p) = record::decode::<PendingRecord>(&v) else {
+                continue;
+            };
+            if !p
+                .last_error
+                .as_deref()
+                .is_some_and(|e| e.starts_with(error_prefix))
+            {
+                continue;
+            }
+            if let Some(key) = k.get(1..).and_then(keydec) {
+                if !out.contains(&key.entity) {
+                    out.insert(key.entity);
+                }
+            }
+        }
+        Ok(out)
+    }
+
     /// [`Store::pending_rows`] plus how many records the listing could not read.
     pub fn pending_listing(
         &self,

@@ -384,3 +384,71 @@ fn copy_tree(from: &std::path::Path, to: &std::path::Path) {
         }
     }
 }
+
+#[test]
+fn entities_whose_last_attempt_had_an_unknown_outcome_are_found_across_a_reopen() {
+    // The flusher restores its convergence watch from these after a restart; the scan streams
+    // over every pending key (no listing cap), so an entity far down a large backlog is found.
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let (store, _) = open(dir.path(), fast_opts());
+        let mut updates = Vec::new();
+        for i in 0..300 {
+            updates.push(set(
+                &format!("e{i:03}"),
+                10,
+                &[("p", json!(i)), ("q", json!(i))],
+            ));
+        }
+        store.ingest_blocking(updates).unwrap();
+        store.compact_all().unwrap();
+        store.close().unwrap();
+    }
+    let (store, _) = open(dir.path(), fast_opts());
+    // Settle every entity: e007 and e299 with an unknown outcome on one key, e150 with another
+    // error, the rest left untouched.
+    let c = store
+        .claim(ClaimLimits {
+            events_max: 1000,
+            bytes_max: usize::MAX,
+        })
+        .unwrap()
+        .unwrap();
+    let mut settlements = Vec::new();
+    for ev in &c.events {
+        for p in &ev.props {
+            let error = match (ev.entity.as_str(), p.name.as_str()) {
+                ("e007", "q") | ("e299", "p") => "unknown outcome: connection reset",
+                ("e150", _) => "rate limited",
+                _ => continue,
+            };
+            settlements.push(Settlement {
+                key: PropKey::new(ev.entity.clone(), p.name.clone()),
+                sent: p.pending.clone(),
+                outcome: Outcome::Retry {
+                    error: error.into(),
+                },
+            });
+        }
+    }
+    store.settle(settlements).unwrap();
+    store.release(&c);
+    store.close().unwrap();
+    drop(store);
+    let (store, _) = open(dir.path(), fast_opts());
+    let found = store
+        .entities_with_error_prefix("unknown outcome: ", 100)
+        .unwrap();
+    let mut found: Vec<String> = found.into_iter().collect();
+    found.sort();
+    assert_eq!(found, vec!["e007".to_string(), "e299".to_string()]);
+    // The limit bounds the answer.
+    assert_eq!(
+        store
+            .entities_with_error_prefix("unknown outcome: ", 1)
+            .unwrap()
+            .len(),
+        1
+    );
+    assert_eq!(store.stats().pending_keys, 600);
+}

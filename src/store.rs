@@ -1111,8 +1111,16 @@ impl Store {
         // not known without reading it), so it over-counts until the log is folded: it is
         // evaluated again after a fold.
         let full_now = || -> Option<String> {
-            let pending = lock(&self.inner.state).counters.pending_keys;
-            let keys = pending + self.inner.log_keys.load(Ordering::Relaxed) + extra_keys;
+            // One consistent view: the compactor moves keys from the log count to the pending
+            // count under the state lock.
+            let (pending, log_keys) = {
+                let state = lock(&self.inner.state);
+                (
+                    state.counters.pending_keys,
+                    self.inner.log_keys.load(Ordering::Relaxed),
+                )
+            };
+            let keys = pending + log_keys + extra_keys;
             let disk = self.inner.disk_bytes.load(Ordering::Relaxed);
             if keys + req_keys > self.inner.opts.pending_keys_max {
                 Some(format!(
@@ -1373,13 +1381,16 @@ impl Store {
         counters.compacted_records += folded as u64;
         txn.commit(&mut counters)?;
         state.counters = counters;
-        drop(state);
+        // Under the state lock, together with the pending count: `admit` reads both under it,
+        // and a moment where the folded keys counted as pending AND still as log keys made it
+        // refuse a new key on a store below its limit.
         let _ = self
             .inner
             .log_keys
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
                 Some(v.saturating_sub(keys_folded))
             });
+        drop(state);
         Ok(folded)
     }
 

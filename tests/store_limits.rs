@@ -320,3 +320,46 @@ fn a_new_key_is_accepted_after_the_fold_shows_room_and_refused_when_there_is_non
     assert_clean(&store);
     store.close().unwrap();
 }
+
+#[test]
+fn a_background_fold_never_makes_a_store_below_its_limit_refuse_a_new_key() {
+    // The compactor moves keys from the log count to the pending count; if a reader could see
+    // them in both at once, a store holding fewer keys than its limit refused a new one. Many
+    // rounds of concurrent new keys against a running compactor, drained between rounds.
+    const LIMIT: u64 = 4;
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = open(dir.path(), limited(LIMIT));
+    let compactor = flux_outbox::compactor::spawn(store.clone()).unwrap();
+    for round in 0..600 {
+        let posts: Vec<_> = (0..LIMIT)
+            .map(|i| {
+                let s = store.clone();
+                std::thread::spawn(move || {
+                    s.ingest_blocking(vec![set(&format!("r{round}-{i}"), 1, &[("v", json!(i))])])
+                })
+            })
+            .collect();
+        for p in posts {
+            let r = p.join().unwrap();
+            assert!(
+                r.is_ok(),
+                "round {round}: a new key refused below the limit: {r:?}"
+            );
+        }
+        store.compact_all().unwrap();
+        while let Some(c) = store.claim(ALL).unwrap() {
+            deliver_all(&store, &c);
+        }
+        assert_eq!(store.stats().pending_keys, 0);
+    }
+    // The limit itself still holds.
+    for i in 0..LIMIT {
+        store
+            .ingest_blocking(vec![set(&format!("full-{i}"), 1, &[("v", json!(1))])])
+            .unwrap();
+    }
+    let r = store.ingest_blocking(vec![set("one-more", 1, &[("v", json!(1))])]);
+    assert!(matches!(r, Err(StoreError::Full(_))), "{r:?}");
+    drop(compactor);
+    assert_clean(&store);
+}

@@ -391,6 +391,13 @@ mod tests {
         }
     }
 
+    /// The decision for a single property `obj` holding `value` (never delivered before), with
+    /// the default options.
+    fn decide_obj(remote: Remote<'_>, value: &Value) -> Decision {
+        let plan = plan_entity(remote, &[w("obj", value, None)], &MergeOptions::default());
+        plan.decisions["obj"].clone()
+    }
+
     #[test]
     fn entity_absent_sends_values_with_object_null_members_dropped() {
         let v1 = json!({"x": 1, "y": null, "z": {"a": null, "b": 2}});
@@ -415,33 +422,21 @@ mod tests {
     #[test]
     fn blind_mode_sends_as_is_without_merge() {
         let v = json!({"x": 1});
-        let plan = plan_entity(
-            Remote::Blind,
-            &[w("obj", &v, None)],
-            &MergeOptions::default(),
-        );
-        assert_eq!(plan.decisions["obj"], Decision::Send(v.clone()));
+        assert_eq!(decide_obj(Remote::Blind, &v), Decision::Send(v.clone()));
         // Nothing was read: RFC 7386 against `{}`, so null members are still never stored.
         let v = json!({"x": 1, "y": null});
-        let plan = plan_entity(
-            Remote::Blind,
-            &[w("obj", &v, None)],
-            &MergeOptions::default(),
+        assert_eq!(
+            decide_obj(Remote::Blind, &v),
+            Decision::Send(json!({"x": 1}))
         );
-        assert_eq!(plan.decisions["obj"], Decision::Send(json!({"x": 1})));
     }
 
     #[test]
     fn object_value_is_merged_into_flux_object_so_others_fields_survive() {
         let remote = obj(json!({"obj": {"x": 1, "set_by_other": "keep"}}));
         let ours = json!({"x": 2});
-        let plan = plan_entity(
-            present(&remote, 10),
-            &[w("obj", &ours, None)],
-            &MergeOptions::default(),
-        );
         assert_eq!(
-            plan.decisions["obj"],
+            decide_obj(present(&remote, 10), &ours),
             Decision::Send(json!({"x": 2, "set_by_other": "keep"}))
         );
     }
@@ -459,29 +454,13 @@ mod tests {
             obj(json!({"obj": null})),
             obj(json!({"other": 1})),
         ] {
-            let plan = plan_entity(
-                present(&remote, 10),
-                &[w("obj", &ours, None)],
-                &MergeOptions::default(),
-            );
-            assert_eq!(
-                plan.decisions["obj"],
-                Decision::Send(want.clone()),
-                "remote {remote:?}"
-            );
-            assert_eq!(
-                plan.decisions["obj"],
-                Decision::Send(merge_patch(&json!({}), &ours))
-            );
+            let decision = decide_obj(present(&remote, 10), &ours);
+            assert_eq!(decision, Decision::Send(want.clone()), "remote {remote:?}");
+            assert_eq!(decision, Decision::Send(merge_patch(&json!({}), &ours)));
         }
         // Flux already holds the RFC result: nothing to send.
         let remote = obj(json!({"obj": {"y": 1, "z": {"b": {}}}}));
-        let plan = plan_entity(
-            present(&remote, 10),
-            &[w("obj", &ours, None)],
-            &MergeOptions::default(),
-        );
-        assert_eq!(plan.decisions["obj"], Decision::NoOp);
+        assert_eq!(decide_obj(present(&remote, 10), &ours), Decision::NoOp);
     }
 
     #[test]

@@ -73,6 +73,15 @@ async fn nothing_stored(w: &Worker, sim: &SimHandle, entities: &[&str]) {
     }
 }
 
+/// Posts `body` to `path`, which must be refused with 507 (outbox full) and counted: the
+/// `outbox_full` rejections are `counted_total` after. Returns the error answer.
+async fn refused_full(w: &Worker, path: &str, body: &Value, counted_total: f64) -> String {
+    let (s, answer) = w.post_json(path, body).await;
+    assert_eq!(s, 507, "{answer}");
+    assert_eq!(rejected(&w.metrics().await, "outbox_full"), counted_total);
+    answer
+}
+
 fn ndjson(lines: &[Value]) -> String {
     lines.iter().map(|l| format!("{l}\n")).collect()
 }
@@ -435,60 +444,53 @@ async fn entity_id_flux_would_refuse() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn entity_id_flux_would_refuse_without_public_mode() {
     let (sim, mut w) = setup(|_| {}).await;
-    let body = json!([
-        {"entity": "scada/np/a", "properties": {"v": 1}},
-        {"entity": "", "properties": {"v": 1}},
-    ]);
-    refused(
-        &w,
-        "/v1/updates",
-        JSON,
-        body.to_string(),
-        400,
-        "empty_entity",
-        &["item 1: entity id must not be empty"],
-    )
-    .await;
     let long = format!("scada/{}", "x".repeat(507));
     assert_eq!(long.len(), 513);
-    let body = ndjson(&[
-        json!({"entity": "scada/np/b", "properties": {"v": 1}}),
-        json!({"entity": long, "properties": {"v": 1}}),
-    ]);
-    refused(
-        &w,
-        "/v1/updates",
-        NDJSON,
-        body,
-        400,
-        "entity_too_long",
-        &["line 2: entity id ", "is 513 bytes, at most 512 allowed"],
-    )
-    .await;
-    let body = json!({"events": [
-        flux_event("scada/np/c", json!({"v": 1})),
-        flux_event("scada/np\td", json!({"v": 1})),
-    ]});
-    refused(
-        &w,
-        "/api/events/batch",
-        JSON,
-        body.to_string(),
-        400,
-        "entity_bad_char",
-        &["item 1: entity id \"scada/np\\td\" contains a control character"],
-    )
-    .await;
-    refused(
-        &w,
-        "/api/events",
-        JSON,
-        flux_event("", json!({"v": 1})).to_string(),
-        400,
-        "empty_entity",
-        &["entity id must not be empty"],
-    )
-    .await;
+    // (path, content type, body, reason, what the message must contain), all refused with 400.
+    let cases = [
+        (
+            "/v1/updates",
+            JSON,
+            json!([
+                {"entity": "scada/np/a", "properties": {"v": 1}},
+                {"entity": "", "properties": {"v": 1}},
+            ])
+            .to_string(),
+            "empty_entity",
+            &["item 1: entity id must not be empty"][..],
+        ),
+        (
+            "/v1/updates",
+            NDJSON,
+            ndjson(&[
+                json!({"entity": "scada/np/b", "properties": {"v": 1}}),
+                json!({"entity": long, "properties": {"v": 1}}),
+            ]),
+            "entity_too_long",
+            &["line 2: entity id ", "is 513 bytes, at most 512 allowed"][..],
+        ),
+        (
+            "/api/events/batch",
+            JSON,
+            json!({"events": [
+                flux_event("scada/np/c", json!({"v": 1})),
+                flux_event("scada/np\td", json!({"v": 1})),
+            ]})
+            .to_string(),
+            "entity_bad_char",
+            &["item 1: entity id \"scada/np\\td\" contains a control character"][..],
+        ),
+        (
+            "/api/events",
+            JSON,
+            flux_event("", json!({"v": 1})).to_string(),
+            "empty_entity",
+            &["entity id must not be empty"][..],
+        ),
+    ];
+    for (path, content_type, body, reason, needles) in cases {
+        refused(&w, path, content_type, body, 400, reason, needles).await;
+    }
     // Exactly 512 bytes and ids public mode would refuse are accepted and delivered.
     let longest = format!("scada/{}", "y".repeat(506));
     for id in [longest.as_str(), "no-slash", "scada/two/slashes"] {
@@ -712,29 +714,20 @@ async fn outbox_full_refuses_new_keys_only() {
     assert_eq!(w.backlog().await, (2, 0));
 
     let before = rejected(&w.metrics().await, "outbox_full");
-    let (s, body) = w
-        .post_json(
-            "/v1/updates",
-            &json!([
-                {"entity": "scada/of/a", "properties": {"p1": 5}},
-                {"entity": "scada/of/b", "properties": {"q": 1}},
-            ]),
-        )
-        .await;
-    assert_eq!(s, 507, "{body}");
+    let body = json!([
+        {"entity": "scada/of/a", "properties": {"p1": 5}},
+        {"entity": "scada/of/b", "properties": {"q": 1}},
+    ]);
+    let answer = refused_full(&w, "/v1/updates", &body, before + 2.0).await;
     // Flux's error shape on both APIs, the same words: what is full, the limit, what still goes.
     let full = json!({"error": "outbox full: 2 pending keys (limit 2); updates of keys already pending are still accepted"});
     assert_eq!(
-        serde_json::from_str::<Value>(&body).ok(),
+        serde_json::from_str::<Value>(&answer).ok(),
         Some(full.clone())
     );
-    assert_eq!(rejected(&w.metrics().await, "outbox_full"), before + 2.0);
-    let (s, body) = w
-        .post_json("/api/events", &flux_event("scada/of/c", json!({"q": 1})))
-        .await;
-    assert_eq!(s, 507, "{body}");
-    assert_eq!(serde_json::from_str::<Value>(&body).ok(), Some(full));
-    assert_eq!(rejected(&w.metrics().await, "outbox_full"), before + 3.0);
+    let body = flux_event("scada/of/c", json!({"q": 1}));
+    let answer = refused_full(&w, "/api/events", &body, before + 3.0).await;
+    assert_eq!(serde_json::from_str::<Value>(&answer).ok(), Some(full));
     assert_eq!(
         w.backlog().await,
         (2, 0),
@@ -880,27 +873,17 @@ async fn disk_limit_refuses_new_keys_with_507() {
     assert_eq!(w.backlog().await, (1, 0));
 
     let before = rejected(&w.metrics().await, "outbox_full");
-    let (s, body) = w
-        .post_json(
-            "/v1/updates",
-            &json!([
-                {"entity": "scada/dl/a", "properties": {"blob": "small"}},
-                {"entity": "scada/dl/b", "properties": {"v": 1}},
-            ]),
-        )
-        .await;
-    assert_eq!(s, 507, "{body}");
-    let text = error_text(&body);
+    let body = json!([
+        {"entity": "scada/dl/a", "properties": {"blob": "small"}},
+        {"entity": "scada/dl/b", "properties": {"v": 1}},
+    ]);
+    let text = error_text(&refused_full(&w, "/v1/updates", &body, before + 2.0).await);
     assert!(
         text.contains("bytes on disk") && text.contains("limit 1048576"),
         "{text}"
     );
-    assert_eq!(rejected(&w.metrics().await, "outbox_full"), before + 2.0);
-    let (s, body) = w
-        .post_json("/api/events", &flux_event("scada/dl/c", json!({"v": 1})))
-        .await;
-    assert_eq!(s, 507, "{body}");
-    let text = error_text(&body);
+    let body = flux_event("scada/dl/c", json!({"v": 1}));
+    let text = error_text(&refused_full(&w, "/api/events", &body, before + 3.0).await);
     assert!(
         text.starts_with("outbox full: ")
             && text.ends_with(
@@ -908,7 +891,6 @@ async fn disk_limit_refuses_new_keys_with_507() {
             ),
         "{text}"
     );
-    assert_eq!(rejected(&w.metrics().await, "outbox_full"), before + 3.0);
     w.wait_compacted().await;
     assert_eq!(
         w.backlog().await,

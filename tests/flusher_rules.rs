@@ -20,6 +20,36 @@ fn props_of(ev: &Value) -> &serde_json::Map<String, Value> {
     ev["payload"]["properties"].as_object().expect("properties")
 }
 
+/// [`fast_opts`] in blind mode (no reads before writes).
+fn blind_opts() -> FlushOptions {
+    FlushOptions {
+        merge: MergeMode::Blind,
+        ..fast_opts()
+    }
+}
+
+/// The entities of the quarantined keys (at most 10), sorted.
+fn quarantined_entities(rig: &Rig) -> Vec<String> {
+    let mut q: Vec<String> = rig
+        .store
+        .quarantine_rows(None, 10)
+        .expect("q")
+        .into_iter()
+        .map(|r| r.entity)
+        .collect();
+    q.sort();
+    q
+}
+
+/// One attempt refused for the token: the verdict is `Auth`, the link reads auth-failed, and
+/// nothing is quarantined: all `pending_keys` keys stay pending.
+async fn drain_refused_for_auth(rig: &Rig, pending_keys: u64) {
+    assert_eq!(rig.flusher.drain_once().await, LinkVerdict::Auth);
+    assert_eq!(rig.store.stats().quarantine_keys, 0);
+    assert_eq!(rig.store.stats().pending_keys, pending_keys);
+    assert_eq!(rig.metrics.link(), LinkState::AuthFailed);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn whole_batch_400_splits_and_quarantines_only_the_bad_event() {
     let respond: Responder = Arc::new(|events: &[Value]| {
@@ -36,10 +66,7 @@ async fn whole_batch_400_splits_and_quarantines_only_the_bad_event() {
     let fake = fake_flux(respond, Duration::ZERO).await;
     let rig = Rig::new(
         client(&fake.url, None, Duration::from_secs(5)),
-        FlushOptions {
-            merge: MergeMode::Blind,
-            ..fast_opts()
-        },
+        blind_opts(),
     );
     let mut ups: Vec<_> = (0..9)
         .map(|i| set(&format!("e{i}"), TS, &[("v", json!(i))]))
@@ -91,10 +118,7 @@ async fn status_413_splits_and_quarantines_the_single_too_large_event() {
     let fake = fake_flux(respond, Duration::ZERO).await;
     let rig = Rig::new(
         client(&fake.url, None, Duration::from_secs(5)),
-        FlushOptions {
-            merge: MergeMode::Blind,
-            ..fast_opts()
-        },
+        blind_opts(),
     );
     let mut ups: Vec<_> = (0..5)
         .map(|i| set(&format!("e{i}"), TS, &[("v", json!(i))]))
@@ -112,10 +136,7 @@ async fn status_413_splits_and_quarantines_the_single_too_large_event() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn event_over_flux_size_limit_is_split_by_property_or_quarantined_without_sending() {
     let sim = start_sim(SimConfig::default()).await;
-    let rig = Rig::new(
-        client(&sim.url(), None, Duration::from_secs(5)),
-        fast_opts(),
-    );
+    let rig = Rig::on_sim(&sim, None, fast_opts());
     let half = "a".repeat(600_000);
     // Two properties of 600 kB each: one event would be over Flux's 1 MiB (answered `publish
     // failed`, an unknown outcome, forever); split in two events they both fit.
@@ -158,21 +179,15 @@ async fn whole_request_401_and_403_quarantine_nothing_and_report_auth_failed() {
         let fake = fake_flux(respond, Duration::ZERO).await;
         let rig = Rig::new(
             client(&fake.url, Some("t"), Duration::from_secs(5)),
-            FlushOptions {
-                merge: MergeMode::Blind,
-                ..fast_opts()
-            },
+            blind_opts(),
         );
         rig.ingest(vec![
             set("acme/a", TS, &[("v", json!(1))]),
             set("acme/b", TS, &[("v", json!(2))]),
         ])
         .await;
-        assert_eq!(rig.flusher.drain_once().await, LinkVerdict::Auth);
-        assert_eq!(rig.store.stats().pending_keys, 2);
-        assert_eq!(rig.store.stats().quarantine_keys, 0);
+        drain_refused_for_auth(&rig, 2).await;
         assert_eq!(rig.store.stats().in_flight_entities, 0);
-        assert_eq!(rig.metrics.link(), LinkState::AuthFailed);
         let mut b = Backoff::new(
             Duration::from_millis(20),
             Duration::from_millis(200),
@@ -196,23 +211,14 @@ async fn per_event_auth_failure_without_success_keeps_keys_with_success_quaranti
     let acme = sim.register_namespace("acme");
     sim.register_namespace("other");
     // Wrong token for every event (a token of another namespace): nothing succeeds.
-    let rig = Rig::new(
-        client(&sim.url(), Some(&acme), Duration::from_secs(5)),
-        fast_opts(),
-    );
+    let rig = Rig::on_sim(&sim, Some(&acme), fast_opts());
     rig.ingest(vec![set("other/x", TS, &[("v", json!(1))])])
         .await;
-    assert_eq!(rig.flusher.drain_once().await, LinkVerdict::Auth);
-    assert_eq!(rig.store.stats().quarantine_keys, 0);
-    assert_eq!(rig.store.stats().pending_keys, 1);
-    assert_eq!(rig.metrics.link(), LinkState::AuthFailed);
+    drain_refused_for_auth(&rig, 1).await;
 
     // Same token, mixed batch: good ids succeed, an id outside the namespace and one with two
     // slashes are refused per entity and quarantined.
-    let rig = Rig::new(
-        client(&sim.url(), Some(&acme), Duration::from_secs(5)),
-        fast_opts(),
-    );
+    let rig = Rig::on_sim(&sim, Some(&acme), fast_opts());
     rig.ingest(vec![
         set("acme/ok-1", TS, &[("v", json!(1))]),
         set("acme/ok-2", TS, &[("v", json!(2))]),
@@ -221,15 +227,10 @@ async fn per_event_auth_failure_without_success_keeps_keys_with_success_quaranti
     ])
     .await;
     rig.flusher.drain_once().await;
-    let mut q: Vec<String> = rig
-        .store
-        .quarantine_rows(None, 10)
-        .expect("q")
-        .into_iter()
-        .map(|r| r.entity)
-        .collect();
-    q.sort();
-    assert_eq!(q, vec!["acme/a/b".to_string(), "other/y".to_string()]);
+    assert_eq!(
+        quarantined_entities(&rig),
+        vec!["acme/a/b".to_string(), "other/y".to_string()]
+    );
     assert_eq!(rig.store.stats().pending_keys, 0);
     assert!(sim.entity("acme/ok-1").is_some() && sim.entity("acme/ok-2").is_some());
 }
@@ -251,10 +252,7 @@ async fn batch_of_only_bad_entity_ids_is_quarantined_and_does_not_block_good_ent
         in_flight_max: 1,
         ..fast_opts()
     };
-    let rig = Rig::new(
-        client(&sim.url(), Some(&acme), Duration::from_secs(5)),
-        opts.clone(),
-    );
+    let rig = Rig::on_sim(&sim, Some(&acme), opts.clone());
     // Ingested first, so claimed first, and alone in their batch of two.
     rig.ingest(vec![
         set("acme/a/b", TS, &[("v", json!(1))]),
@@ -272,15 +270,10 @@ async fn batch_of_only_bad_entity_ids_is_quarantined_and_does_not_block_good_ent
         }
         rig.flusher.drain_once().await;
     }
-    let mut q: Vec<String> = rig
-        .store
-        .quarantine_rows(None, 10)
-        .expect("q")
-        .into_iter()
-        .map(|r| r.entity)
-        .collect();
-    q.sort();
-    assert_eq!(q, vec!["acme/a/b".to_string(), "no-namespace".to_string()]);
+    assert_eq!(
+        quarantined_entities(&rig),
+        vec!["acme/a/b".to_string(), "no-namespace".to_string()]
+    );
     assert_eq!(rig.store.stats().pending_keys, 0);
     assert_eq!(
         sim.entity("acme/ok-1").expect("ok-1").properties["v"],
@@ -293,19 +286,13 @@ async fn batch_of_only_bad_entity_ids_is_quarantined_and_does_not_block_good_ent
     assert_ne!(rig.metrics.link(), LinkState::AuthFailed);
 
     // A wrong token with well-formed ids: every event refused, nothing quarantined.
-    let rig = Rig::new(
-        client(&sim.url(), Some("not-a-token"), Duration::from_secs(5)),
-        opts,
-    );
+    let rig = Rig::on_sim(&sim, Some("not-a-token"), opts);
     rig.ingest(vec![
         set("acme/x", TS, &[("v", json!(1))]),
         set("acme/y", TS, &[("v", json!(2))]),
     ])
     .await;
-    assert_eq!(rig.flusher.drain_once().await, LinkVerdict::Auth);
-    assert_eq!(rig.store.stats().quarantine_keys, 0);
-    assert_eq!(rig.store.stats().pending_keys, 2);
-    assert_eq!(rig.metrics.link(), LinkState::AuthFailed);
+    drain_refused_for_auth(&rig, 2).await;
 }
 
 #[test]
@@ -342,10 +329,7 @@ async fn status_429_retry_after_is_waited_before_resending() {
         rate_429_retry_after_s: 1,
         ..Faults::default()
     });
-    let mut rig = Rig::new(
-        client(&sim.url(), None, Duration::from_secs(5)),
-        fast_opts(),
-    );
+    let mut rig = Rig::on_sim(&sim, None, fast_opts());
     rig.ingest(vec![set("e", TS, &[("v", json!(1))])]).await;
     rig.run();
     rig.wait(Duration::from_secs(5), "first 429", |_| {
@@ -375,13 +359,7 @@ async fn per_event_rate_limit_keeps_keys_and_retries() {
     })
     .await;
     let token = sim.register_namespace("acme");
-    let mut rig = Rig::new(
-        client(&sim.url(), Some(&token), Duration::from_secs(5)),
-        FlushOptions {
-            merge: MergeMode::Blind,
-            ..fast_opts()
-        },
-    );
+    let mut rig = Rig::on_sim(&sim, Some(&token), blind_opts());
     let ups: Vec<_> = (0..8)
         .map(|i| set(&format!("acme/e{i}"), TS, &[("v", json!(i))]))
         .collect();
@@ -555,10 +533,7 @@ async fn cancelled_drain_releases_its_claims() {
     let fake = fake_flux(respond, Duration::from_secs(3)).await;
     let rig = Rig::new(
         client(&fake.url, None, Duration::from_secs(10)),
-        FlushOptions {
-            merge: MergeMode::Blind,
-            ..fast_opts()
-        },
+        blind_opts(),
     );
     rig.ingest(vec![set("e", TS, &[("v", json!(1))])]).await;
     let r = tokio::time::timeout(Duration::from_millis(200), rig.flusher.drain_once()).await;
@@ -574,10 +549,7 @@ async fn cancelled_drain_releases_its_claims() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn read_merge_write_keeps_other_writers_properties_and_merges_objects() {
     let sim = start_sim(SimConfig::default()).await;
-    let rig = Rig::new(
-        client(&sim.url(), None, Duration::from_secs(5)),
-        fast_opts(),
-    );
+    let rig = Rig::on_sim(&sim, None, fast_opts());
     // Another agent's command on the control entity, and a config object with a field of theirs.
     let other = client(&sim.url(), None, Duration::from_secs(5));
     let ev = |props: Value| flux_outbox::flux_client::FluxEvent {
@@ -641,8 +613,9 @@ async fn read_merge_write_keeps_other_writers_properties_and_merges_objects() {
 
 async fn conflict_case(policy: ConflictPolicy) -> Value {
     let sim = start_sim(SimConfig::default()).await;
-    let rig = Rig::new(
-        client(&sim.url(), None, Duration::from_secs(5)),
+    let rig = Rig::on_sim(
+        &sim,
+        None,
         FlushOptions {
             conflict_policy: policy,
             ..fast_opts()
@@ -680,13 +653,7 @@ async fn conflict_policy_overwrite_sends_ours_keep_remote_keeps_theirs() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn blind_mode_sends_without_reading() {
     let sim = start_sim(SimConfig::default()).await;
-    let rig = Rig::new(
-        client(&sim.url(), None, Duration::from_secs(5)),
-        FlushOptions {
-            merge: MergeMode::Blind,
-            ..fast_opts()
-        },
-    );
+    let rig = Rig::on_sim(&sim, None, blind_opts());
     rig.ingest(vec![set("e", TS, &[("v", json!(1))])]).await;
     rig.flusher.drain_once().await;
     rig.ingest(vec![set("e", TS + 1, &[("v", json!(1))])]).await;
@@ -699,8 +666,9 @@ async fn blind_mode_sends_without_reading() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn event_shape_one_entity_only_written_properties_newest_timestamp_and_ids() {
     let sim = start_sim(SimConfig::default()).await;
-    let rig = Rig::new(
-        client(&sim.url(), None, Duration::from_secs(5)),
+    let rig = Rig::on_sim(
+        &sim,
+        None,
         FlushOptions {
             stream: "scada.tags".into(),
             source: "outbox-gw17".into(),
@@ -768,10 +736,7 @@ async fn sim_write(sim: &flux_outbox::sim::SimHandle, id: &str, props: Value) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn delete_is_sent_alone_and_before_recreating_properties() {
     let sim = start_sim(SimConfig::default()).await;
-    let rig = Rig::new(
-        client(&sim.url(), None, Duration::from_secs(5)),
-        fast_opts(),
-    );
+    let rig = Rig::on_sim(&sim, None, fast_opts());
     rig.ingest(vec![set("e", TS, &[("old", json!(1)), ("x", json!(1))])])
         .await;
     rig.flusher.drain_once().await;
@@ -819,10 +784,7 @@ async fn lost_answer_is_resolved_by_reading_back_without_a_second_write() {
         lost_answer_rate: 1.0,
         ..Faults::default()
     });
-    let mut rig = Rig::new(
-        client(&sim.url(), None, Duration::from_secs(5)),
-        fast_opts(),
-    );
+    let mut rig = Rig::on_sim(&sim, None, fast_opts());
     rig.ingest(vec![set("e", TS, &[("v", json!(1))])]).await;
     rig.run();
     rig.wait(Duration::from_secs(5), "lost answer", |_| {
@@ -858,10 +820,7 @@ async fn late_application_of_a_failed_event_is_repaired_by_read_back() {
         late_apply_delay_ms: 600,
         ..Faults::default()
     });
-    let mut rig = Rig::new(
-        client(&sim.url(), None, Duration::from_secs(5)),
-        fast_opts(),
-    );
+    let mut rig = Rig::on_sim(&sim, None, fast_opts());
     rig.ingest(vec![
         set("e", TS, &[("v", json!(1))]),
         set("d", TS, &[("v", json!(1))]),
@@ -904,8 +863,9 @@ async fn another_writer_is_not_mistaken_for_a_late_write() {
         publish_fail_rate: 1.0,
         ..Faults::default()
     });
-    let mut rig = Rig::new(
-        client(&sim.url(), None, Duration::from_secs(5)),
+    let mut rig = Rig::on_sim(
+        &sim,
+        None,
         FlushOptions {
             conflict_policy: ConflictPolicy::KeepRemote,
             ..fast_opts()
@@ -927,20 +887,19 @@ async fn another_writer_is_not_mistaken_for_a_late_write() {
     assert_eq!(rig.metrics.convergence_rewrites.load(Ordering::Relaxed), 0);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn delete_older_than_a_delivered_property_does_not_wipe_it() {
+/// Two properties of one entity, `new` (TS+20) and `old` (TS), are delivered; then a delete
+/// observed at TS+10 arrives late: it removes `old` but not `new`. Returns flux-sim's count of
+/// reads after the properties' delivery and at the end.
+async fn late_delete_keeps_the_newer_property(opts: FlushOptions) -> (u64, u64) {
     let sim = start_sim(SimConfig::default()).await;
-    let rig = Rig::new(
-        client(&sim.url(), None, Duration::from_secs(5)),
-        fast_opts(),
-    );
+    let rig = Rig::on_sim(&sim, None, opts);
     rig.ingest(vec![
         set("e", TS + 20, &[("new", json!(2))]),
         set("e", TS, &[("old", json!(1))]),
     ])
     .await;
     rig.flusher.drain_once().await;
-    // A delete observed at TS+10 arrives late: it removes `old` (TS) but not `new` (TS+20).
+    let reads_for_properties = sim.stats().requests_read;
     rig.ingest(vec![delete("e", TS + 10)]).await;
     rig.flusher.drain_once().await;
     assert_eq!(rig.store.stats().pending_keys, 0);
@@ -948,6 +907,12 @@ async fn delete_older_than_a_delivered_property_does_not_wipe_it() {
         .entity("e")
         .expect("entity re-created with its newer property");
     assert_eq!(Value::Object(e.properties), json!({"new": 2}));
+    (reads_for_properties, sim.stats().requests_read)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delete_older_than_a_delivered_property_does_not_wipe_it() {
+    late_delete_keeps_the_newer_property(fast_opts()).await;
 }
 
 /// Flux answers 200 before it applies: a read straight after is sometimes the state before the
@@ -965,10 +930,7 @@ async fn stale_reads_never_make_the_worker_skip_a_needed_write() {
         ..SimConfig::default()
     })
     .await;
-    let rig = Rig::new(
-        client(&sim.url(), None, Duration::from_secs(5)),
-        fast_opts(),
-    );
+    let rig = Rig::on_sim(&sim, None, fast_opts());
     for (ts, v) in [(TS, 1), (TS + 1, 2), (TS + 2, 1)] {
         rig.ingest(vec![set("e", ts, &[("v", json!(v))])]).await;
         assert_eq!(rig.flusher.drain_once().await, LinkVerdict::Ok);
@@ -1028,8 +990,9 @@ async fn stale_reads_never_make_the_worker_skip_a_needed_write() {
 async fn object_with_null_members_over_no_object_is_stored_as_rfc7386_says() {
     let sim = start_sim(SimConfig::default()).await;
     sim_write(&sim, "e", json!({"cfg": 7})).await;
-    let rig = Rig::new(
-        client(&sim.url(), None, Duration::from_secs(5)),
+    let rig = Rig::on_sim(
+        &sim,
+        None,
         FlushOptions {
             conflict_policy: ConflictPolicy::KeepRemote,
             ..fast_opts()
@@ -1073,29 +1036,9 @@ async fn object_with_null_members_over_no_object_is_stored_as_rfc7386_says() {
 /// it does not wipe a property delivered with a newer version.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn blind_mode_delete_older_than_a_delivered_property_does_not_wipe_it() {
-    let sim = start_sim(SimConfig::default()).await;
-    let rig = Rig::new(
-        client(&sim.url(), None, Duration::from_secs(5)),
-        FlushOptions {
-            merge: MergeMode::Blind,
-            ..fast_opts()
-        },
-    );
-    rig.ingest(vec![
-        set("e", TS + 20, &[("new", json!(2))]),
-        set("e", TS, &[("old", json!(1))]),
-    ])
-    .await;
-    rig.flusher.drain_once().await;
-    assert_eq!(sim.stats().requests_read, 0, "property writes are not read");
-    rig.ingest(vec![delete("e", TS + 10)]).await;
-    rig.flusher.drain_once().await;
-    assert_eq!(rig.store.stats().pending_keys, 0);
-    let e = sim
-        .entity("e")
-        .expect("entity re-created with its newer property");
-    assert_eq!(Value::Object(e.properties), json!({"new": 2}));
-    assert_eq!(sim.stats().requests_read, 1, "one read, for the delete");
+    let (reads_for_properties, reads) = late_delete_keeps_the_newer_property(blind_opts()).await;
+    assert_eq!(reads_for_properties, 0, "property writes are not read");
+    assert_eq!(reads, 1, "one read, for the delete");
 }
 
 /// Byte-size trigger: with the interval and the count trigger out of reach, a burst of large
@@ -1256,7 +1199,7 @@ async fn a_dead_link_costs_a_few_reads_per_attempt_not_one_per_entity() {
         read_concurrency: 4,
         ..fast_opts()
     };
-    let rig = Rig::new(client(&sim.url(), None, Duration::from_secs(5)), opts);
+    let rig = Rig::on_sim(&sim, None, opts);
     rig.ingest(
         (0..200)
             .map(|i| set(&format!("scada/e{i}"), TS, &[("v", json!(i))]))

@@ -5,14 +5,16 @@
 // difference from production settings.
 #![allow(clippy::field_reassign_with_default)]
 
+mod harness;
+
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use tokio::net::TcpListener;
 
-use flux_outbox::app::{self, Running};
+use flux_outbox::app::Running;
 use flux_outbox::config::{Config, Durability, Secret};
 use flux_outbox::sim::{self, SimHandle};
+use harness::{link_down, start_in_process, start_sim, stop_in_process, StopSwitch, WorkerTask};
 
 fn config(dir: &std::path::Path, flux: &SimHandle) -> Config {
     let mut cfg = Config::default();
@@ -31,43 +33,10 @@ fn config(dir: &std::path::Path, flux: &SimHandle) -> Config {
     cfg
 }
 
-async fn start_worker(
-    cfg: Config,
-) -> (
-    Running,
-    tokio::sync::oneshot::Sender<()>,
-    tokio::task::JoinHandle<Result<app::Exit, app::StartError>>,
-) {
+/// Validates `cfg` (tests change it after [`config`]) and starts the worker in-process.
+async fn start_worker(cfg: Config) -> (Running, StopSwitch, WorkerTask) {
     cfg.validate().unwrap();
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel::<Running>();
-    let task = tokio::spawn(app::run(
-        cfg,
-        async move {
-            let _ = stop_rx.await;
-        },
-        move |r| {
-            let _ = ready_tx.send(r.clone());
-        },
-    ));
-    let running = tokio::time::timeout(Duration::from_secs(20), ready_rx)
-        .await
-        .expect("worker ready in time")
-        .expect("worker started");
-    (running, stop_tx, task)
-}
-
-async fn stop_worker(
-    stop: tokio::sync::oneshot::Sender<()>,
-    task: tokio::task::JoinHandle<Result<app::Exit, app::StartError>>,
-) {
-    let _ = stop.send(());
-    let exit = tokio::time::timeout(Duration::from_secs(20), task)
-        .await
-        .expect("worker stops in time")
-        .unwrap()
-        .unwrap();
-    assert_eq!(exit, app::Exit::Stopped);
+    start_in_process(cfg).await
 }
 
 /// Waits until the heartbeat entity shows a delivery time (so at least two beats went out).
@@ -94,12 +63,7 @@ async fn wait_for_beat(flux: &SimHandle, id: &str) -> serde_json::Map<String, se
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn heartbeat_is_visible_in_flux() {
     let dir = tempfile::tempdir().unwrap();
-    let flux = sim::start(
-        sim::SimConfig::default(),
-        TcpListener::bind("127.0.0.1:0").await.unwrap(),
-    )
-    .await
-    .unwrap();
+    let flux = start_sim(sim::SimConfig::default()).await;
     let (_running, stop, task) = start_worker(config(dir.path(), &flux)).await;
     let p = wait_for_beat(&flux, "scada/gateway/gw-hb").await;
     assert_eq!(p["gateway_id"], json!("gw-hb"));
@@ -117,22 +81,18 @@ async fn heartbeat_is_visible_in_flux() {
     // The beat is fresh: written within the last few seconds.
     let age = flux_outbox::model::now_ms().saturating_sub(p["heartbeat_ms"].as_u64().unwrap());
     assert!(age < 10_000, "{age}");
-    stop_worker(stop, task).await;
+    stop_in_process(stop, task).await;
     flux.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn heartbeat_is_folded_for_a_public_mode_flux() {
     let dir = tempfile::tempdir().unwrap();
-    let flux = sim::start(
-        sim::SimConfig {
-            public: true,
-            ..sim::SimConfig::default()
-        },
-        TcpListener::bind("127.0.0.1:0").await.unwrap(),
-    )
-    .await
-    .unwrap();
+    let flux = start_sim(sim::SimConfig {
+        public: true,
+        ..sim::SimConfig::default()
+    })
+    .await;
     let token = flux.register_namespace("scada");
     let mut cfg = config(dir.path(), &flux);
     cfg.ingest.public_mode = true;
@@ -141,19 +101,14 @@ async fn heartbeat_is_folded_for_a_public_mode_flux() {
     let (_running, stop, task) = start_worker(cfg).await;
     let p = wait_for_beat(&flux, "scada/gateway.gw%2Eplant-7").await;
     assert_eq!(p["gateway_id"], json!("gw.plant-7"));
-    stop_worker(stop, task).await;
+    stop_in_process(stop, task).await;
     flux.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn heartbeat_can_be_disabled() {
     let dir = tempfile::tempdir().unwrap();
-    let flux = sim::start(
-        sim::SimConfig::default(),
-        TcpListener::bind("127.0.0.1:0").await.unwrap(),
-    )
-    .await
-    .unwrap();
+    let flux = start_sim(sim::SimConfig::default()).await;
     let mut cfg = config(dir.path(), &flux);
     cfg.heartbeat.enabled = false;
     let (running, stop, task) = start_worker(cfg).await;
@@ -165,7 +120,7 @@ async fn heartbeat_can_be_disabled() {
         (0, 0, 0),
         "nothing ingested"
     );
-    stop_worker(stop, task).await;
+    stop_in_process(stop, task).await;
     flux.shutdown().await;
 }
 
@@ -181,21 +136,13 @@ async fn heartbeat_reports_the_backlog_of_an_outage() {
     use flux_outbox::sim::Faults;
     const ID: &str = "scada/gateway/gw-hb";
     let dir = tempfile::tempdir().unwrap();
-    let flux = sim::start(
-        sim::SimConfig::default(),
-        TcpListener::bind("127.0.0.1:0").await.unwrap(),
-    )
-    .await
-    .unwrap();
+    let flux = start_sim(sim::SimConfig::default()).await;
     let (running, stop, task) = start_worker(config(dir.path(), &flux)).await;
     let before = wait_for_beat(&flux, ID).await;
     let hb_props = before.len() as u64;
 
     // The outage, and a backlog of three keys.
-    flux.set_faults(Faults {
-        link_down: true,
-        ..Faults::default()
-    });
+    flux.set_faults(link_down());
     let outage_start = now_ms();
     let since = flux.applied_count();
     let r = reqwest::Client::new()
@@ -281,6 +228,6 @@ async fn heartbeat_reports_the_backlog_of_an_outage() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    stop_worker(stop, task).await;
+    stop_in_process(stop, task).await;
     flux.shutdown().await;
 }

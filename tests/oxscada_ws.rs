@@ -14,6 +14,8 @@
 // return tungstenite's own (large) ErrorResponse type.
 #![allow(clippy::field_reassign_with_default, clippy::result_large_err)]
 
+mod harness;
+
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -22,16 +24,17 @@ use std::time::{Duration, Instant, UNIX_EPOCH};
 use base64::Engine as _;
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{json, Value};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
 use tokio_tungstenite::tungstenite::http::{HeaderValue, StatusCode};
 use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::WebSocketStream;
 
-use flux_outbox::app::{self, Running};
 use flux_outbox::config::{Config, Durability, Secret};
 use flux_outbox::mapper::Preset;
 use flux_outbox::sim::{self, SimHandle};
 use flux_outbox::source_ws::OxscadaWsConfig;
+use harness::{link_down, start_in_process, start_sim, stop_in_process};
 
 const API_KEY: &str = "s3cr3t/key+?";
 const EQUIPMENT: usize = 5;
@@ -107,6 +110,56 @@ impl FakeScada {
     }
 }
 
+/// A listener for a fake 0xSCADA server, and the URL the worker connects to.
+async fn ws_listener() -> (TcpListener, String) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let ws_url = format!("ws://{}/ws/tags", listener.local_addr().unwrap());
+    (listener, ws_url)
+}
+
+/// A handshake answer that echoes the `oxscada.v1` subprotocol, as 0xSCADA does.
+fn echo_oxscada_protocol(mut resp: Response) -> Response {
+    resp.headers_mut().insert(
+        "Sec-WebSocket-Protocol",
+        HeaderValue::from_static("oxscada.v1"),
+    );
+    resp
+}
+
+/// Accepts a WebSocket handshake without checking the key (echoing `oxscada.v1`); None when
+/// the handshake fails.
+async fn accept_any_key(stream: TcpStream) -> Option<WebSocketStream<TcpStream>> {
+    let echo = |_: &Request, resp: Response| -> Result<Response, ErrorResponse> {
+        Ok(echo_oxscada_protocol(resp))
+    };
+    tokio_tungstenite::accept_hdr_async(stream, echo).await.ok()
+}
+
+/// Reads (and ignores) everything the client sends from now on, keeping the connection open.
+fn read_and_ignore(mut ws: WebSocketStream<TcpStream>) {
+    tokio::spawn(async move { while let Some(Ok(_)) = ws.next().await {} });
+}
+
+/// A `tag:update` of EQ-0.S0 with value `k`, stamped `k` ms after [`TS_BASE_MS`].
+fn eq0_update(k: usize) -> Message {
+    let update = json!({"event":"tag:update","payload":{"tagName":"EQ-0.S0","value":k,
+        "timestamp": iso(TS_BASE_MS + k as u64)}});
+    Message::text(update.to_string())
+}
+
+/// Polls `done` every `step` until it holds or `limit` has passed; the caller asserts after.
+async fn wait_until(limit: Duration, step: Duration, mut done: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !done() && Instant::now() < deadline {
+        tokio::time::sleep(step).await;
+    }
+}
+
+/// GET `url`, the body as text.
+async fn get_text(http: &reqwest::Client, url: String) -> String {
+    http.get(url).send().await.unwrap().text().await.unwrap()
+}
+
 async fn serve_scada(listener: TcpListener, scada: Arc<FakeScada>) {
     let expected = format!(
         "oxscada.v1, oxscada.api-key.{}",
@@ -119,7 +172,7 @@ async fn serve_scada(listener: TcpListener, scada: Arc<FakeScada>) {
         };
         let expected = expected.clone();
         let s = scada.clone();
-        let check = move |req: &Request, mut resp: Response| -> Result<Response, ErrorResponse> {
+        let check = move |req: &Request, resp: Response| -> Result<Response, ErrorResponse> {
             let offered = req
                 .headers()
                 .get("Sec-WebSocket-Protocol")
@@ -132,11 +185,7 @@ async fn serve_scada(listener: TcpListener, scada: Arc<FakeScada>) {
                 *e.status_mut() = StatusCode::UNAUTHORIZED;
                 return Err(e);
             }
-            resp.headers_mut().insert(
-                "Sec-WebSocket-Protocol",
-                HeaderValue::from_static("oxscada.v1"),
-            );
-            Ok(resp)
+            Ok(echo_oxscada_protocol(resp))
         };
         let Ok(mut ws) = tokio_tungstenite::accept_hdr_async(stream, check).await else {
             continue;
@@ -247,32 +296,6 @@ fn worker_config(dir: &std::path::Path, flux_url: &str, ws_url: &str, preset: Pr
     cfg
 }
 
-/// Starts the worker in-process; returns its addresses, a stop switch and its task.
-async fn start_worker(
-    cfg: Config,
-) -> (
-    Running,
-    tokio::sync::oneshot::Sender<()>,
-    tokio::task::JoinHandle<Result<app::Exit, app::StartError>>,
-) {
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel::<Running>();
-    let task = tokio::spawn(app::run(
-        cfg,
-        async move {
-            let _ = stop_rx.await;
-        },
-        move |r| {
-            let _ = ready_tx.send(r.clone());
-        },
-    ));
-    let running = tokio::time::timeout(Duration::from_secs(20), ready_rx)
-        .await
-        .expect("worker ready in time")
-        .expect("worker started");
-    (running, stop_tx, task)
-}
-
 /// Where a tag's value must end up in Flux.
 fn mapped(preset: Preset, t: &str) -> (String, String) {
     let (eq, sensor) = t.split_once('.').unwrap();
@@ -287,19 +310,13 @@ fn mapped(preset: Preset, t: &str) -> (String, String) {
 
 async fn run_scenario(preset: Preset) {
     let dir = tempfile::tempdir().unwrap();
-    let flux = sim::start(
-        sim::SimConfig::default(),
-        TcpListener::bind("127.0.0.1:0").await.unwrap(),
-    )
-    .await
-    .unwrap();
+    let flux = start_sim(sim::SimConfig::default()).await;
     let scada = Arc::new(FakeScada::default());
-    let ws_listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let ws_url = format!("ws://{}/ws/tags", ws_listener.local_addr().unwrap());
-    let server = tokio::spawn(serve_scada(ws_listener, scada.clone()));
+    let (listener, ws_url) = ws_listener().await;
+    let server = tokio::spawn(serve_scada(listener, scada.clone()));
 
     let cfg = worker_config(dir.path(), &flux.url(), &ws_url, preset);
-    let (running, stop, task) = start_worker(cfg).await;
+    let (running, stop, task) = start_in_process(cfg).await;
 
     let deadline = Instant::now() + Duration::from_secs(60);
     let missing = loop {
@@ -344,41 +361,21 @@ async fn run_scenario(preset: Preset) {
     // The status is visible in /readyz and /metrics.
     let http = reqwest::Client::new();
     let admin = format!("http://{}", running.admin_addr);
-    let ready = http
-        .get(format!("{admin}/readyz"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let ready: Value = serde_json::from_str(&ready).unwrap();
+    let ready: Value =
+        serde_json::from_str(&get_text(&http, format!("{admin}/readyz")).await).unwrap();
     assert_eq!(
         ready["sources"]["oxscada_ws"]["state"],
         json!("connected"),
         "{ready}"
     );
-    let metrics = http
-        .get(format!("{admin}/metrics"))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = get_text(&http, format!("{admin}/metrics")).await;
     assert!(metrics.contains("flux_outbox_source_connected{source=\"oxscada_ws\"} 1"));
     assert!(metrics.contains("reason=\"invalid_json\""), "junk counted");
     let connects = running.metrics.oxscada_ws.connects.load(Ordering::Relaxed);
     assert!(connects as usize > CONNECTIONS_DROPPED, "{connects}");
     assert!(running.metrics.oxscada_ws.bad_count("invalid_json") > 0);
 
-    let _ = stop.send(());
-    let exit = tokio::time::timeout(Duration::from_secs(20), task)
-        .await
-        .expect("worker stops in time")
-        .unwrap()
-        .unwrap();
-    assert_eq!(exit, app::Exit::Stopped);
+    stop_in_process(stop, task).await;
     server.abort();
     flux.shutdown().await;
 }
@@ -450,8 +447,7 @@ async fn wrong_key_is_refused_and_reported() {
     // A server that refuses every handshake: the source keeps retrying, reports
     // `disconnected` with the reason, and the worker stays up.
     let dir = tempfile::tempdir().unwrap();
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let ws_url = format!("ws://{}/ws/tags", listener.local_addr().unwrap());
+    let (listener, ws_url) = ws_listener().await;
     let attempts = Arc::new(AtomicUsize::new(0));
     let a = attempts.clone();
     let server = tokio::spawn(async move {
@@ -467,11 +463,11 @@ async fn wrong_key_is_refused_and_reported() {
     });
     let mut cfg = worker_config(dir.path(), "http://127.0.0.1:9", &ws_url, Preset::Scaffold);
     cfg.flux.url = None;
-    let (running, stop, task) = start_worker(cfg).await;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while attempts.load(Ordering::SeqCst) < 3 && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let (running, stop, task) = start_in_process(cfg).await;
+    wait_until(Duration::from_secs(10), Duration::from_millis(50), || {
+        attempts.load(Ordering::SeqCst) >= 3
+    })
+    .await;
     assert!(
         attempts.load(Ordering::SeqCst) >= 3,
         "reconnects with back-off"
@@ -480,13 +476,7 @@ async fn wrong_key_is_refused_and_reported() {
     assert_ne!(ready["state"], json!("connected"));
     let err = ready["last_error"].as_str().unwrap_or_default().to_string();
     assert!(err.contains("401"), "{err}");
-    let _ = stop.send(());
-    let exit = tokio::time::timeout(Duration::from_secs(20), task)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
-    assert_eq!(exit, app::Exit::Stopped);
+    stop_in_process(stop, task).await;
     server.abort();
 }
 
@@ -495,26 +485,16 @@ async fn oversized_message_ends_the_connection_not_the_source() {
     // message_bytes_max bounds what the WebSocket layer buffers: a larger message is counted
     // as `too_large`, the connection is reopened, and the stream goes on.
     let dir = tempfile::tempdir().unwrap();
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let ws_url = format!("ws://{}/ws/tags", listener.local_addr().unwrap());
+    let (listener, ws_url) = ws_listener().await;
     let conns = Arc::new(AtomicUsize::new(0));
     let c = conns.clone();
     let server = tokio::spawn(async move {
         while let Ok((stream, _)) = listener.accept().await {
-            let echo = |_: &Request, mut resp: Response| -> Result<Response, ErrorResponse> {
-                resp.headers_mut().insert(
-                    "Sec-WebSocket-Protocol",
-                    HeaderValue::from_static("oxscada.v1"),
-                );
-                Ok(resp)
-            };
-            let Ok(mut ws) = tokio_tungstenite::accept_hdr_async(stream, echo).await else {
+            let Some(mut ws) = accept_any_key(stream).await else {
                 continue;
             };
             let k = c.fetch_add(1, Ordering::SeqCst);
-            let update = json!({"event":"tag:update","payload":{"tagName":"EQ-0.S0","value":k,
-                "timestamp": iso(TS_BASE_MS + k as u64)}});
-            let _ = ws.send(Message::text(update.to_string())).await;
+            let _ = ws.send(eq0_update(k)).await;
             if k == 0 {
                 let huge = format!(
                     "{{\"event\":\"tag:update\",\"pad\":\"{}\"}}",
@@ -522,7 +502,7 @@ async fn oversized_message_ends_the_connection_not_the_source() {
                 );
                 let _ = ws.send(Message::text(huge)).await;
             }
-            tokio::spawn(async move { while let Some(Ok(_)) = ws.next().await {} });
+            read_and_ignore(ws);
         }
     });
     let mut cfg = worker_config(dir.path(), "http://127.0.0.1:9", &ws_url, Preset::Scaffold);
@@ -531,28 +511,19 @@ async fn oversized_message_ends_the_connection_not_the_source() {
         ws.message_bytes_max = 16 * 1024;
         ws.api_key = None;
     }
-    let (running, stop, task) = start_worker(cfg).await;
+    let (running, stop, task) = start_in_process(cfg).await;
     let status = &running.metrics.oxscada_ws;
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while (status.updates_ingested.load(Ordering::Relaxed) < 2
-        || status.bad_count("too_large") == 0)
-        && Instant::now() < deadline
-    {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_until(Duration::from_secs(10), Duration::from_millis(50), || {
+        status.updates_ingested.load(Ordering::Relaxed) >= 2 && status.bad_count("too_large") > 0
+    })
+    .await;
     assert_eq!(status.bad_count("too_large"), 1);
     assert!(conns.load(Ordering::SeqCst) >= 2, "reconnected");
     assert!(
         status.updates_ingested.load(Ordering::Relaxed) >= 2,
         "the stream goes on"
     );
-    let _ = stop.send(());
-    let exit = tokio::time::timeout(Duration::from_secs(20), task)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
-    assert_eq!(exit, app::Exit::Stopped);
+    stop_in_process(stop, task).await;
     server.abort();
 }
 
@@ -566,14 +537,8 @@ async fn subscribe_filter_reaches_the_server_and_is_honoured() {
     const WANTED: [&str; 2] = ["EQ-0.S0", "EQ-1.S0"];
     const OTHER: &str = "EQ-0.S1";
     let dir = tempfile::tempdir().unwrap();
-    let flux = sim::start(
-        sim::SimConfig::default(),
-        TcpListener::bind("127.0.0.1:0").await.unwrap(),
-    )
-    .await
-    .unwrap();
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let ws_url = format!("ws://{}/ws/tags", listener.local_addr().unwrap());
+    let flux = start_sim(sim::SimConfig::default()).await;
+    let (listener, ws_url) = ws_listener().await;
     // Per connection, the tags the client subscribed to (None: it never did).
     let subscriptions: Arc<Mutex<Vec<Option<Vec<String>>>>> = Arc::default();
     let withheld = Arc::new(AtomicUsize::new(0));
@@ -581,14 +546,7 @@ async fn subscribe_filter_reaches_the_server_and_is_honoured() {
     let server = tokio::spawn(async move {
         let mut k = 0u64;
         while let Ok((stream, _)) = listener.accept().await {
-            let echo = |_: &Request, mut resp: Response| -> Result<Response, ErrorResponse> {
-                resp.headers_mut().insert(
-                    "Sec-WebSocket-Protocol",
-                    HeaderValue::from_static("oxscada.v1"),
-                );
-                Ok(resp)
-            };
-            let Ok(mut ws) = tokio_tungstenite::accept_hdr_async(stream, echo).await else {
+            let Some(mut ws) = accept_any_key(stream).await else {
                 continue;
             };
             k += 1;
@@ -638,7 +596,7 @@ async fn subscribe_filter_reaches_the_server_and_is_honoured() {
                 drop(ws); // one reconnect: the subscribe must be sent again
                 continue;
             }
-            tokio::spawn(async move { while let Some(Ok(_)) = ws.next().await {} });
+            read_and_ignore(ws);
         }
     });
     let mut cfg = worker_config(dir.path(), &flux.url(), &ws_url, Preset::Scaffold);
@@ -646,20 +604,16 @@ async fn subscribe_filter_reaches_the_server_and_is_honoured() {
         ws.api_key = None;
         ws.tags = WANTED.iter().map(|t| t.to_string()).collect();
     }
-    let (_running, stop, task) = start_worker(cfg).await;
+    let (_running, stop, task) = start_in_process(cfg).await;
     // The last connection's last round: k = 2, round 19.
     let want = |j: u64| json!((2 * 1000 + 19 * 10 + j) as f64);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
+    wait_until(Duration::from_secs(60), Duration::from_millis(50), || {
         let e0 = flux.entity("scada/asset/site-1/EQ-0");
         let e1 = flux.entity("scada/asset/site-1/EQ-1");
-        let done = e0.is_some_and(|e| e.properties.get("tag/EQ-0.S0") == Some(&want(0)))
-            && e1.is_some_and(|e| e.properties.get("tag/EQ-1.S0") == Some(&want(1)));
-        if done || Instant::now() > deadline {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+        e0.is_some_and(|e| e.properties.get("tag/EQ-0.S0") == Some(&want(0)))
+            && e1.is_some_and(|e| e.properties.get("tag/EQ-1.S0") == Some(&want(1)))
+    })
+    .await;
     let subs = subscriptions.lock().unwrap().clone();
     let wanted: Vec<String> = WANTED.iter().map(|t| t.to_string()).collect();
     assert!(subs.len() >= 2, "reconnected: {subs:?}");
@@ -682,13 +636,7 @@ async fn subscribe_filter_reaches_the_server_and_is_honoured() {
         !eq0.contains_key("tag/EQ-0.S1"),
         "an unsubscribed tag reached Flux: {state:?}"
     );
-    let _ = stop.send(());
-    let exit = tokio::time::timeout(Duration::from_secs(20), task)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
-    assert_eq!(exit, app::Exit::Stopped);
+    stop_in_process(stop, task).await;
     server.abort();
     flux.shutdown().await;
 }
@@ -698,28 +646,18 @@ async fn subscribe_filter_reaches_the_server_and_is_honoured() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn silent_server_is_dropped_after_idle_timeout_and_reconnected() {
     let dir = tempfile::tempdir().unwrap();
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let ws_url = format!("ws://{}/ws/tags", listener.local_addr().unwrap());
+    let (listener, ws_url) = ws_listener().await;
     let conns = Arc::new(AtomicUsize::new(0));
     let c = conns.clone();
     let server = tokio::spawn(async move {
         while let Ok((stream, _)) = listener.accept().await {
-            let echo = |_: &Request, mut resp: Response| -> Result<Response, ErrorResponse> {
-                resp.headers_mut().insert(
-                    "Sec-WebSocket-Protocol",
-                    HeaderValue::from_static("oxscada.v1"),
-                );
-                Ok(resp)
-            };
-            let Ok(mut ws) = tokio_tungstenite::accept_hdr_async(stream, echo).await else {
+            let Some(mut ws) = accept_any_key(stream).await else {
                 continue;
             };
             let k = c.fetch_add(1, Ordering::SeqCst);
-            let update = json!({"event":"tag:update","payload":{"tagName":"EQ-0.S0","value":k,
-                "timestamp": iso(TS_BASE_MS + k as u64)}});
-            let _ = ws.send(Message::text(update.to_string())).await;
+            let _ = ws.send(eq0_update(k)).await;
             // Read (and ignore) everything; never answer; keep the TCP connection open.
-            tokio::spawn(async move { while let Some(Ok(_)) = ws.next().await {} });
+            read_and_ignore(ws);
         }
     });
     let mut cfg = worker_config(dir.path(), "http://127.0.0.1:9", &ws_url, Preset::Scaffold);
@@ -729,14 +667,12 @@ async fn silent_server_is_dropped_after_idle_timeout_and_reconnected() {
         ws.ping_interval = Duration::from_millis(100);
         ws.idle_timeout = Duration::from_millis(400);
     }
-    let (running, stop, task) = start_worker(cfg).await;
+    let (running, stop, task) = start_in_process(cfg).await;
     let status = &running.metrics.oxscada_ws;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while (conns.load(Ordering::SeqCst) < 3 || status.bad_count("idle_timeout") < 2)
-        && Instant::now() < deadline
-    {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    wait_until(Duration::from_secs(30), Duration::from_millis(50), || {
+        conns.load(Ordering::SeqCst) >= 3 && status.bad_count("idle_timeout") >= 2
+    })
+    .await;
     assert!(
         status.bad_count("idle_timeout") >= 2,
         "idle connections dropped: {}",
@@ -744,13 +680,7 @@ async fn silent_server_is_dropped_after_idle_timeout_and_reconnected() {
     );
     assert!(conns.load(Ordering::SeqCst) >= 3, "and reopened");
     assert!(status.updates_ingested.load(Ordering::Relaxed) >= 2);
-    let _ = stop.send(());
-    let exit = tokio::time::timeout(Duration::from_secs(20), task)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
-    assert_eq!(exit, app::Exit::Stopped);
+    stop_in_process(stop, task).await;
     server.abort();
 }
 
@@ -769,32 +699,16 @@ async fn store_backpressure_keeps_the_connection_and_counts_refusals() {
     // nothing is buffered that could look like traffic when it resumes.
     const MESSAGES: usize = QUEUE_MESSAGES_MAX + 2;
     let dir = tempfile::tempdir().unwrap();
-    let flux = sim::start(
-        sim::SimConfig::default(),
-        TcpListener::bind("127.0.0.1:0").await.unwrap(),
-    )
-    .await
-    .unwrap();
-    flux.set_faults(sim::Faults {
-        link_down: true,
-        ..sim::Faults::default()
-    });
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let ws_url = format!("ws://{}/ws/tags", listener.local_addr().unwrap());
+    let flux = start_sim(sim::SimConfig::default()).await;
+    flux.set_faults(link_down());
+    let (listener, ws_url) = ws_listener().await;
     let conns = Arc::new(AtomicUsize::new(0));
     let pings = Arc::new(AtomicUsize::new(0));
     let go = Arc::new(tokio::sync::Notify::new());
     let (c, p, g) = (conns.clone(), pings.clone(), go.clone());
     let server = tokio::spawn(async move {
         while let Ok((stream, _)) = listener.accept().await {
-            let echo = |_: &Request, mut resp: Response| -> Result<Response, ErrorResponse> {
-                resp.headers_mut().insert(
-                    "Sec-WebSocket-Protocol",
-                    HeaderValue::from_static("oxscada.v1"),
-                );
-                Ok(resp)
-            };
-            let Ok(mut ws) = tokio_tungstenite::accept_hdr_async(stream, echo).await else {
+            let Some(mut ws) = accept_any_key(stream).await else {
                 continue;
             };
             if c.fetch_add(1, Ordering::SeqCst) == 0 {
@@ -829,7 +743,7 @@ async fn store_backpressure_keeps_the_connection_and_counts_refusals() {
         ws.idle_timeout = Duration::from_millis(400);
     }
     cfg.validate().unwrap();
-    let (running, stop, task) = start_worker(cfg).await;
+    let (running, stop, task) = start_in_process(cfg).await;
     let status = &running.metrics.oxscada_ws;
 
     // The backlog: exactly pending_keys_max keys, so any new key is refused.
@@ -857,12 +771,10 @@ async fn store_backpressure_keeps_the_connection_and_counts_refusals() {
             .copied()
             .unwrap_or(0)
     };
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while (refused() == 0 || status.messages.load(Ordering::Relaxed) < MESSAGES as u64)
-        && Instant::now() < deadline
-    {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_until(Duration::from_secs(20), Duration::from_millis(20), || {
+        refused() > 0 && status.messages.load(Ordering::Relaxed) >= MESSAGES as u64
+    })
+    .await;
     assert_eq!(
         status.messages.load(Ordering::Relaxed),
         MESSAGES as u64,
@@ -872,14 +784,7 @@ async fn store_backpressure_keeps_the_connection_and_counts_refusals() {
     tokio::time::sleep(Duration::from_millis(1200)).await;
     assert_eq!(status.updates_ingested.load(Ordering::Relaxed), 0);
     assert!(status.bad_count("store_refused") > 0);
-    let metrics = http
-        .get(format!("http://{}/metrics", running.admin_addr))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = get_text(&http, format!("http://{}/metrics", running.admin_addr)).await;
     let line = metrics
         .lines()
         .find(|l| l.starts_with("flux_outbox_ingest_rejected_total{reason=\"outbox_full\"}"))
@@ -893,23 +798,17 @@ async fn store_backpressure_keeps_the_connection_and_counts_refusals() {
     let pings_before = pings.load(Ordering::SeqCst);
     flux.set_faults(sim::Faults::default());
     let want = json!(MESSAGES);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while flux
-        .entity("scada/asset/site-1/EQ-0")
-        .and_then(|e| e.properties.get("tag/EQ-0.S0").cloned())
-        != Some(want.clone())
-        && Instant::now() < deadline
-    {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let eq0 = || {
+        flux.entity("scada/asset/site-1/EQ-0")
+            .and_then(|e| e.properties.get("tag/EQ-0.S0").cloned())
+    };
+    wait_until(Duration::from_secs(30), Duration::from_millis(20), || {
+        eq0() == Some(want.clone())
+    })
+    .await;
     // A few idle timeouts more, with the pings answered.
     tokio::time::sleep(Duration::from_millis(1200)).await;
-    assert_eq!(
-        flux.entity("scada/asset/site-1/EQ-0")
-            .and_then(|e| e.properties.get("tag/EQ-0.S0").cloned()),
-        Some(want),
-        "the newest blocked reading reached Flux"
-    );
+    assert_eq!(eq0(), Some(want), "the newest blocked reading reached Flux");
     assert_eq!(
         status.updates_ingested.load(Ordering::Relaxed),
         MESSAGES as u64,
@@ -925,13 +824,7 @@ async fn store_backpressure_keeps_the_connection_and_counts_refusals() {
         pings.load(Ordering::SeqCst) > pings_before,
         "pings go out again after the stall"
     );
-    let _ = stop.send(());
-    let exit = tokio::time::timeout(Duration::from_secs(20), task)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
-    assert_eq!(exit, app::Exit::Stopped);
+    stop_in_process(stop, task).await;
     server.abort();
     flux.shutdown().await;
 }

@@ -6,14 +6,15 @@
 // difference from production settings.
 #![allow(clippy::field_reassign_with_default)]
 
+mod harness;
+
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
-use tokio::net::TcpListener;
 
-use flux_outbox::app::{self, Running};
 use flux_outbox::config::{Config, Durability};
 use flux_outbox::sim::{self, Faults, SimHandle};
+use harness::{link_down, start_in_process, start_sim, stop_in_process};
 
 fn config(dir: &std::path::Path, flux_url: Option<String>) -> Config {
     let mut cfg = Config::default();
@@ -34,31 +35,6 @@ fn config(dir: &std::path::Path, flux_url: Option<String>) -> Config {
     cfg.read_through.flux_timeout = Duration::from_millis(500);
     cfg.validate().unwrap();
     cfg
-}
-
-async fn start_worker(
-    cfg: Config,
-) -> (
-    Running,
-    tokio::sync::oneshot::Sender<()>,
-    tokio::task::JoinHandle<Result<app::Exit, app::StartError>>,
-) {
-    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel::<Running>();
-    let task = tokio::spawn(app::run(
-        cfg,
-        async move {
-            let _ = stop_rx.await;
-        },
-        move |r| {
-            let _ = ready_tx.send(r.clone());
-        },
-    ));
-    let running = tokio::time::timeout(Duration::from_secs(20), ready_rx)
-        .await
-        .expect("worker ready in time")
-        .expect("worker started");
-    (running, stop_tx, task)
 }
 
 struct Answer {
@@ -118,12 +94,7 @@ async fn pending_values_show_during_an_outage_and_merge_after() {
         .timeout(Duration::from_secs(10))
         .build()
         .unwrap();
-    let flux = sim::start(
-        sim::SimConfig::default(),
-        TcpListener::bind("127.0.0.1:0").await.unwrap(),
-    )
-    .await
-    .unwrap();
+    let flux = start_sim(sim::SimConfig::default()).await;
     // Other agents' state in Flux: a command on the control entity, and two more entities.
     let control = "scada/pump-1/control";
     post_to_flux(
@@ -136,7 +107,7 @@ async fn pending_values_show_during_an_outage_and_merge_after() {
     post_to_flux(&http, &flux, "scada/pump-2", json!({"a": 1})).await;
     post_to_flux(&http, &flux, "scada/pump-3", json!({"x": 1})).await;
 
-    let (running, stop, task) = start_worker(config(dir.path(), Some(flux.url()))).await;
+    let (running, stop, task) = start_in_process(config(dir.path(), Some(flux.url()))).await;
     let base = format!("http://{}", running.ingest_addr);
 
     // Link up: the gateway relays Flux's state unchanged.
@@ -154,10 +125,7 @@ async fn pending_values_show_during_an_outage_and_merge_after() {
     );
 
     // The outage.
-    flux.set_faults(Faults {
-        link_down: true,
-        ..Faults::default()
-    });
+    flux.set_faults(link_down());
     let updates = json!([
         {"entity": control, "properties": {"cmd_ack": "c1", "cmd_status": "accepted"}},
         {"entity": "scada/pump-3", "delete": true},
@@ -262,13 +230,7 @@ async fn pending_values_show_during_an_outage_and_merge_after() {
     assert_eq!(a.status, 404);
     assert!(a.raw.is_empty());
 
-    let _ = stop.send(());
-    let exit = tokio::time::timeout(Duration::from_secs(20), task)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
-    assert_eq!(exit, app::Exit::Stopped);
+    stop_in_process(stop, task).await;
     flux.shutdown().await;
 }
 
@@ -276,7 +238,7 @@ async fn pending_values_show_during_an_outage_and_merge_after() {
 async fn offline_mode_answers_from_the_outbox() {
     let dir = tempfile::tempdir().unwrap();
     let http = reqwest::Client::new();
-    let (running, stop, task) = start_worker(config(dir.path(), None)).await;
+    let (running, stop, task) = start_in_process(config(dir.path(), None)).await;
     let base = format!("http://{}", running.ingest_addr);
     let id = "scada/asset/site 1/TR-MAIN-01";
     let r = http
@@ -322,13 +284,7 @@ async fn offline_mode_answers_from_the_outbox() {
     .await;
     assert_eq!((a.status, a.flux.as_str()), (200, "offline"));
     assert_eq!(a.body.as_array().unwrap().len(), 1);
-    let _ = stop.send(());
-    let exit = tokio::time::timeout(Duration::from_secs(20), task)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
-    assert_eq!(exit, app::Exit::Stopped);
+    stop_in_process(stop, task).await;
 }
 
 #[test]
@@ -387,19 +343,6 @@ async fn post_update(
     req.send().await.unwrap().status().as_u16()
 }
 
-async fn stop_worker(
-    stop: tokio::sync::oneshot::Sender<()>,
-    task: tokio::task::JoinHandle<Result<app::Exit, app::StartError>>,
-) {
-    let _ = stop.send(());
-    let exit = tokio::time::timeout(Duration::from_secs(20), task)
-        .await
-        .unwrap()
-        .unwrap()
-        .unwrap();
-    assert_eq!(exit, app::Exit::Stopped);
-}
-
 /// `read_through.require_token`: reads answer 401 without the ingest token (or with a wrong
 /// one) when it is set, and need none when it is not (like Flux's reads) while writes still do.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -414,7 +357,7 @@ async fn reads_need_the_ingest_token_only_when_required() {
         cfg.ingest.token = Some(flux_outbox::config::Secret::new(TOKEN));
         cfg.read_through.require_token = require;
         cfg.validate().unwrap();
-        let (running, stop, task) = start_worker(cfg).await;
+        let (running, stop, task) = start_in_process(cfg).await;
         let base = format!("http://{}", running.ingest_addr);
         assert_eq!(post_update(&http, &base, None, id, 1000).await, 401);
         assert_eq!(post_update(&http, &base, Some(TOKEN), id, 1000).await, 200);
@@ -448,7 +391,7 @@ async fn reads_need_the_ingest_token_only_when_required() {
         } else {
             assert_eq!((anonymous, wrong, list), (200, 200, 200));
         }
-        stop_worker(stop, task).await;
+        stop_in_process(stop, task).await;
     }
 }
 
@@ -461,7 +404,7 @@ async fn overlay_cut_at_pending_rows_max_says_so() {
     let mut cfg = config(dir.path(), None);
     cfg.read_through.pending_rows_max = 3;
     cfg.validate().unwrap();
-    let (running, stop, task) = start_worker(cfg).await;
+    let (running, stop, task) = start_in_process(cfg).await;
     let base = format!("http://{}", running.ingest_addr);
     let list = || async {
         let r = http
@@ -498,5 +441,5 @@ async fn overlay_cut_at_pending_rows_max_says_so() {
     assert_eq!(running.store.stats().log_backlog, 0, "compacted");
     assert_eq!(running.store.stats().pending_keys, 6);
     assert_eq!(list().await, (Some("true".to_string()), 3));
-    stop_worker(stop, task).await;
+    stop_in_process(stop, task).await;
 }

@@ -5,12 +5,12 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use common::*;
 use flux_outbox::model::PropKey;
 use flux_outbox::record::FORMAT_VERSION;
-use flux_outbox::store::{Outcome, Store, StoreError, ACKED_SEQ_FILE, STORE_DIR};
+use flux_outbox::store::{OpenReport, Outcome, Store, StoreError, ACKED_SEQ_FILE, STORE_DIR};
 use serde_json::json;
 
 /// The `P` key of (entity, property), as the store's module doc lays it out.
@@ -306,9 +306,14 @@ fn now_ms() -> u64 {
         .as_millis() as u64
 }
 
-/// The moved-aside store is `store.corrupt-<epoch ms>` beside the fresh one, named at the time
-/// of the open, and exists.
-fn assert_corrupt_name(data_dir: &Path, aside: &Path, before_ms: u64, after_ms: u64) {
+/// Opens the store in `data_dir`, which must be moved aside: the moved-aside store is
+/// `store.corrupt-<epoch ms>` beside the fresh one, named at the time of the open, and exists.
+/// Returns the fresh store, the report and where the old store went.
+fn open_moved_aside(data_dir: &Path) -> (Store, OpenReport, PathBuf) {
+    let before_ms = now_ms();
+    let (store, report) = open(data_dir, fast_opts());
+    let after_ms = now_ms();
+    let aside = report.moved_aside_to.clone().expect("moved aside");
     assert_eq!(aside.parent(), Some(data_dir), "{aside:?}");
     assert!(aside.is_dir(), "{aside:?} missing");
     let name = aside.file_name().unwrap().to_str().unwrap();
@@ -321,9 +326,15 @@ fn assert_corrupt_name(data_dir: &Path, aside: &Path, before_ms: u64, after_ms: 
         (before_ms..=after_ms).contains(&ms),
         "{ms} not within the open ({before_ms}..={after_ms})"
     );
+    (store, report, aside)
 }
 
-fn scratch_of(aside: &Path) -> std::path::PathBuf {
+/// Overwrites the closed store's sled config with `bytes`: sled cannot open the store.
+fn spoil_sled_config(data_dir: &Path, bytes: &[u8]) {
+    std::fs::write(data_dir.join(STORE_DIR).join("conf"), bytes).unwrap();
+}
+
+fn scratch_of(aside: &Path) -> PathBuf {
     let mut name = aside.as_os_str().to_owned();
     name.push(".salvage");
     name.into()
@@ -368,14 +379,9 @@ fn a_store_sled_cannot_open_is_moved_aside_and_replaced() {
     store.close().unwrap();
     drop(store);
     std::thread::sleep(std::time::Duration::from_millis(100));
-    let store_path = dir.path().join(STORE_DIR);
-    std::fs::write(store_path.join("conf"), b"this is not a sled config").unwrap();
+    spoil_sled_config(dir.path(), b"this is not a sled config");
 
-    let before_ms = now_ms();
-    let (store, report) = open(dir.path(), fast_opts());
-    let after_ms = now_ms();
-    let aside = report.moved_aside_to.clone().expect("moved aside");
-    assert_corrupt_name(dir.path(), &aside, before_ms, after_ms);
+    let (store, report, aside) = open_moved_aside(dir.path());
     assert!(report.open_error.is_some());
     // Only the config file was damaged: every record is salvaged into the fresh store.
     // (M format, next_seq, counters; per key P, I, E.)
@@ -437,11 +443,7 @@ fn a_store_with_garbage_files_is_moved_aside_and_a_fresh_one_works() {
     std::fs::write(store_path.join("conf"), &garbage[..100]).unwrap();
     std::fs::write(store_path.join("db"), &garbage).unwrap();
 
-    let before_ms = now_ms();
-    let (store, report) = open(dir.path(), fast_opts());
-    let after_ms = now_ms();
-    let aside = report.moved_aside_to.clone().expect("moved aside");
-    assert_corrupt_name(dir.path(), &aside, before_ms, after_ms);
+    let (store, report, aside) = open_moved_aside(dir.path());
     assert!(report.open_error.is_some(), "{report:?}");
     // Neither the store nor a copy without its conf opens: nothing is salvaged, the fresh store
     // starts empty, and the moved-aside files are kept as found for the operator.
@@ -570,11 +572,7 @@ fn a_malformed_format_record_beside_a_bad_record_moves_the_store_aside_and_salva
         db.insert(&bad_p, v).unwrap();
     });
 
-    let before_ms = now_ms();
-    let (store, report) = open(dir.path(), fast_opts());
-    let after_ms = now_ms();
-    let aside = report.moved_aside_to.clone().expect("moved aside");
-    assert_corrupt_name(dir.path(), &aside, before_ms, after_ms);
+    let (store, report, aside) = open_moved_aside(dir.path());
     assert!(
         report.open_error.as_deref().unwrap().contains("format"),
         "{report:?}"
@@ -647,11 +645,7 @@ fn a_salvage_cut_short_is_recounted_and_reindexed_from_what_it_copied() {
         db.remove(pkey(b'P', "e2", "p")).unwrap();
         db.remove(pkey(b'P', "e3", "p")).unwrap();
     });
-    std::fs::write(
-        dir.path().join(STORE_DIR).join("conf"),
-        b"not a sled config",
-    )
-    .unwrap();
+    spoil_sled_config(dir.path(), b"not a sled config");
 
     let (store, report) = open(dir.path(), fast_opts());
     assert!(report.moved_aside_to.is_some(), "{report:?}");
@@ -690,11 +684,7 @@ fn salvage_sets_aside_a_record_that_fails_its_checks() {
         flip_last_byte(&mut v);
         db.insert(&bad, v).unwrap();
     });
-    std::fs::write(
-        dir.path().join(STORE_DIR).join("conf"),
-        b"not a sled config",
-    )
-    .unwrap();
+    spoil_sled_config(dir.path(), b"not a sled config");
 
     let (store, report) = open(dir.path(), fast_opts());
     assert!(report.moved_aside_to.is_some(), "{report:?}");

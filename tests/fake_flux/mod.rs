@@ -87,6 +87,11 @@ impl Rig {
         }
     }
 
+    /// [`Rig::new`] with a client of `sim` (`token`, 5 s timeout).
+    pub fn on_sim(sim: &SimHandle, token: Option<&str>, opts: FlushOptions) -> Rig {
+        Rig::new(client(&sim.url(), token, Duration::from_secs(5)), opts)
+    }
+
     pub fn run(&mut self) {
         let f = self.flusher.clone();
         self.task = Some(tokio::spawn(f.run(self.stop.subscribe())));

@@ -12,6 +12,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
+use flux_outbox::app::{self, Running};
+use flux_outbox::config::Config;
 use flux_outbox::sim::{self, Faults, SimConfig, SimHandle};
 use serde_json::Value;
 
@@ -24,6 +26,43 @@ pub const DEADLINE: Duration = Duration::from_secs(20);
 pub async fn start_sim(cfg: SimConfig) -> SimHandle {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     sim::start(cfg, listener).await.unwrap()
+}
+
+/// Stops a worker started with [`start_in_process`].
+pub type StopSwitch = tokio::sync::oneshot::Sender<()>;
+/// The task running a worker started with [`start_in_process`].
+pub type WorkerTask = tokio::task::JoinHandle<Result<app::Exit, app::StartError>>;
+
+/// Starts the worker in-process (`app::run` in the test's runtime, not the binary) with `cfg` as
+/// given (not validated here); returns its addresses, a stop switch and its task.
+pub async fn start_in_process(cfg: Config) -> (Running, StopSwitch, WorkerTask) {
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let (ready_tx, ready_rx) = tokio::sync::oneshot::channel::<Running>();
+    let task = tokio::spawn(app::run(
+        cfg,
+        async move {
+            let _ = stop_rx.await;
+        },
+        move |r| {
+            let _ = ready_tx.send(r.clone());
+        },
+    ));
+    let running = tokio::time::timeout(DEADLINE, ready_rx)
+        .await
+        .expect("worker ready in time")
+        .expect("worker started");
+    (running, stop_tx, task)
+}
+
+/// Stops a worker started with [`start_in_process`]: it must stop cleanly within [`DEADLINE`].
+pub async fn stop_in_process(stop: StopSwitch, task: WorkerTask) {
+    let _ = stop.send(());
+    let exit = tokio::time::timeout(DEADLINE, task)
+        .await
+        .expect("worker stops in time")
+        .unwrap()
+        .unwrap();
+    assert_eq!(exit, app::Exit::Stopped);
 }
 
 pub fn link_down() -> Faults {

@@ -318,7 +318,7 @@ impl Default for StoreConfig {
         StoreConfig {
             pending_keys_max: 2_000_000,
             disk_bytes_max: 4 * 1024 * MIB,
-            cache_bytes: 16 * MIB,
+            cache_bytes: 4 * MIB,
             compact_batch_max: crate::compactor::STEP_RECORDS_MAX,
             shrink_when_drained_above: 64 * MIB,
         }

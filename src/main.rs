@@ -75,6 +75,25 @@ fn restart_in_place() -> ExitCode {
     ExitCode::FAILURE
 }
 
+/// jemalloc instead of glibc's malloc: glibc gives threads that allocate at the same time arenas
+/// of their own and gives little back, so under a mass drain (sled freeing nodes on other
+/// threads than those that allocated them) RSS grew far past the live heap. Measured on a
+/// 1M-key drain (`outbox-bench recovery`): glibc 456 MiB peak, drain 60 s; jemalloc with the
+/// options below 205 MiB, 43 s.
+#[cfg(all(target_os = "linux", not(target_env = "musl")))]
+#[global_allocator]
+static GLOBAL: tikv_jemallocator::Jemalloc = tikv_jemallocator::Jemalloc;
+
+/// jemalloc's options, read by jemalloc itself before `main` (the `malloc_conf` symbol under
+/// tikv-jemalloc-sys's `_rjem_` prefix; a C `const char *`, which a `&[u8; N]` is in memory).
+/// Two arenas: the worker has few busy threads, and each arena keeps its own free memory.
+/// A background thread returns unused pages to the system after a second (`dirty_decay_ms`)
+/// instead of on some later allocation. `_RJEM_MALLOC_CONF` in the environment still wins.
+#[cfg(all(target_os = "linux", not(target_env = "musl")))]
+#[export_name = "_rjem_malloc_conf"]
+pub static JEMALLOC_CONF: &[u8; 70] =
+    b"narenas:2,background_thread:true,dirty_decay_ms:1000,muzzy_decay_ms:0\0";
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {

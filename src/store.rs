@@ -144,7 +144,7 @@ impl Default for StoreOptions {
     fn default() -> Self {
         StoreOptions {
             durability: Durability::Fsync,
-            cache_bytes: 16 * 1024 * 1024,
+            cache_bytes: 4 * 1024 * 1024,
             pending_keys_max: 2_000_000,
             disk_bytes_max: 4 * 1024 * 1024 * 1024,
             group_commit_window: Duration::ZERO,

@@ -966,16 +966,27 @@ fn export_posted_to_a_second_worker_reaches_flux() {
 // ---------------------------------------------------------------------------------------------
 // verify finds planted corruption
 
+/// Opens a store's sled tree directly, to plant damage. Retries for up to 2 s while sled's
+/// background threads of a store this process just closed still hold its lock.
+fn open_raw(path: &Path) -> sled::Db {
+    let t0 = std::time::Instant::now();
+    loop {
+        match sled::Config::new().path(path).flush_every_ms(None).open() {
+            Ok(db) => return db,
+            Err(e) if t0.elapsed() < Duration::from_secs(2) && e.to_string().contains("lock") => {
+                std::thread::sleep(Duration::from_millis(10))
+            }
+            Err(e) => panic!("open {}: {e}", path.display()),
+        }
+    }
+}
+
 /// Copies the healthy fixture, lets `tamper` change raw records, and runs verify.
 fn verify_tampered(fixture: &Path, name: &str, tamper: impl FnOnce(&sled::Db)) -> (i32, Value) {
     let dir = fixture.parent().expect("parent").join(name);
     copy_dir(fixture, &dir);
     {
-        let db = sled::Config::new()
-            .path(dir.join("store"))
-            .flush_every_ms(None)
-            .open()
-            .expect("open copy");
+        let db = open_raw(&dir.join("store"));
         tamper(&db);
         db.flush().expect("flush");
     }
@@ -1810,11 +1821,7 @@ fn flip_last_bit(db: &sled::Db, key: &[u8]) -> String {
 /// entity's count, the counters that count it).
 fn build_damaged_fixture(dir: &Path) -> (Fixture, Vec<String>) {
     let f = build_fixture(dir);
-    let db = sled::Config::new()
-        .path(dir.join("store"))
-        .flush_every_ms(None)
-        .open()
-        .expect("open fixture");
+    let db = open_raw(&dir.join("store"));
     let e2 = flux_outbox::model::PropKey::new("e2".to_string(), "level".to_string());
     let problems = vec![
         flip_last_bit(&db, &log_key(10)),

@@ -68,10 +68,18 @@ async fn hostile_json_is_refused_without_a_memory_spike() {
     );
     let (s, _) = w.post("/v1/updates", "application/json", wide).await;
     assert!(s == 400 || s == 413, "{s}");
-    let after = rss_kib(pid);
+    // The worker's allocator (jemalloc, src/main.rs) hands freed pages back to the system from
+    // a background thread after `dirty_decay_ms` (1 s), not at the free: what is measured is
+    // that nothing stays, so allow it a few decay periods.
+    let t0 = std::time::Instant::now();
+    let mut after = rss_kib(pid);
+    while after >= before + 64 * 1024 && t0.elapsed() < std::time::Duration::from_secs(5) {
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        after = rss_kib(pid);
+    }
     assert!(
         after < before + 64 * 1024,
-        "RSS grew from {before} KiB to {after} KiB on hostile input"
+        "RSS grew from {before} KiB to {after} KiB on hostile input and stayed there for 5 s"
     );
     assert!(w.try_wait().is_none());
     w.stop().await;

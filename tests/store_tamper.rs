@@ -236,7 +236,7 @@ fn a_malformed_entity_count_is_recounted() {
 
 /// Every record of a sled directory, read with sled directly.
 fn raw_contents(path: &Path) -> BTreeMap<Vec<u8>, Vec<u8>> {
-    let db = sled::open(path).unwrap();
+    let db = open_raw_retry(path);
     let out = db
         .iter()
         .map(|kv| {

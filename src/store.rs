@@ -637,6 +637,24 @@ impl<'a> Txn<'a> {
 
 // ---------------------------------------------------------------------------------------------
 
+/// Opens a sled tree this process has just closed, retrying for up to
+/// `REOPEN_LOCK_WAIT_MS_MAX` while the closed handle's threads still hold its lock.
+fn open_when_unlocked(path: &Path, opts: &StoreOptions) -> sled::Result<sled::Db> {
+    const REOPEN_LOCK_WAIT_MS_MAX: u64 = 5_000;
+    let start = std::time::Instant::now();
+    loop {
+        match sled_config(path, opts).open() {
+            Err(e)
+                if is_lock_error(&e)
+                    && start.elapsed() < Duration::from_millis(REOPEN_LOCK_WAIT_MS_MAX) =>
+            {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            r => return r,
+        }
+    }
+}
+
 fn is_lock_error(e: &sled::Error) -> bool {
     match e {
         sled::Error::Io(io) => {
@@ -2022,8 +2040,11 @@ impl Store {
             return Err(roll_back(e.to_string()));
         }
         sync_dir(&data_dir).map_err(|e| roll_back(e.to_string()))?;
-        let reopened = sled_config(&self.inner.dir, &self.inner.opts)
-            .open()
+        // The fresh copy was written through its own sled handle, dropped above; sled's
+        // background threads release that handle's file lock a moment later, and the lock
+        // follows the file through the renames: wait for it (bounded) instead of giving up the
+        // rotation.
+        let reopened = open_when_unlocked(&self.inner.dir, &self.inner.opts)
             .map_err(|e| roll_back(e.to_string()))?;
         *self.inner.db.write().unwrap_or_else(|p| p.into_inner()) = reopened;
         {

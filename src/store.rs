@@ -1869,9 +1869,7 @@ impl Store {
                 continue;
             }
             if let Some(key) = k.get(1..).and_then(keydec) {
-                if !out.contains(&key.entity) {
-                    out.insert(key.entity);
-                }
+                out.insert(key.entity);
             }
         }
         Ok(out)

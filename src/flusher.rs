@@ -87,7 +87,9 @@ use crate::merge::{self, ConflictPolicy, Delivered, MergeOptions, PropertyWrite,
 use crate::metrics::{LinkState, Metrics};
 use crate::model::{now_ms, value_hash, PropKey, Version, DELETE_PROPERTY, EVENT_BYTES_MAX};
 use crate::record::SuspectRecord;
-use crate::store::{Claim, ClaimLimits, ClaimedEvent, ClaimedProp, Outcome, Settlement, Store};
+use crate::store::{
+    Claim, ClaimLimits, ClaimedEvent, ClaimedProp, Outcome, Settlement, Store, StoreError,
+};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum MergeMode {
@@ -450,7 +452,12 @@ impl Flusher {
         loop {
             crate::watchdog::flush_loop_beat();
             while tasks.len() < self.opts.in_flight_max.max(1) && verdict == LinkVerdict::Ok {
-                let claim = match self.store.claim(limits) {
+                // sled calls block: off the runtime's worker threads, which also serve ingest.
+                let store = self.store.clone();
+                let claimed = tokio::task::spawn_blocking(move || store.claim(limits))
+                    .await
+                    .unwrap_or_else(|e| Err(StoreError::Other(format!("claim task: {e}"))));
+                let claim = match claimed {
                     Ok(Some(c)) => c,
                     Ok(None) => break,
                     Err(e) => {
@@ -508,7 +515,14 @@ impl Flusher {
                 }
             }
         }
-        match self.store.settle_noting(settlements, suspect_writes) {
+        // Off the runtime's worker threads (sled calls block). Should this task be cancelled
+        // meanwhile, the settle still completes; the guard then only releases the entities.
+        let store = self.store.clone();
+        let settled =
+            tokio::task::spawn_blocking(move || store.settle_noting(settlements, suspect_writes))
+                .await
+                .unwrap_or_else(|e| Err(StoreError::Other(format!("settle task: {e}"))));
+        match settled {
             Ok(()) => guard.settled(),
             Err(e) => {
                 // Dropping the guard releases the claim: the batch will be resent.
@@ -589,7 +603,7 @@ impl Flusher {
             let deleted = if ev.delete || self.opts.merge == MergeMode::Blind {
                 None
             } else {
-                self.delivered_delete(&ev.entity)
+                ev.delivered_delete.clone()
             };
             let writes: Vec<PropertyWrite<'_>> = ev
                 .props
@@ -717,21 +731,6 @@ impl Flusher {
         self.send_planned(&planned, out).await
     }
 
-    /// The entity delete this worker delivered last, if any (its `D` record survives the
-    /// property records it cleared).
-    fn delivered_delete(&self, entity: &str) -> Option<crate::record::DeliveredRecord> {
-        match self.store.delivered(&PropKey::new(
-            entity.to_string(),
-            DELETE_PROPERTY.to_string(),
-        )) {
-            Ok(d) => d,
-            Err(e) => {
-                tracing::warn!(entity, error = %e, "cannot read the delivered delete record");
-                None
-            }
-        }
-    }
-
     /// Properties that an entity delete must not wipe: Flux deletes the whole entity, but a
     /// property this worker delivered with a NEWER version than the delete (the delete's source
     /// timestamp is older; it arrived late) must survive it (newest wins per key). Those still
@@ -855,8 +854,7 @@ impl Flusher {
         planned: &[(FluxEvent, &ClaimedEvent, Map<String, Value>)],
         out: &mut Vec<Settlement>,
     ) -> LinkVerdict {
-        let mut work: Vec<std::ops::Range<usize>> = Vec::with_capacity(8);
-        work.push(0..planned.len());
+        let mut work: Vec<std::ops::Range<usize>> = vec![0..planned.len()];
         let mut verdict = LinkVerdict::Ok;
         while let Some(range) = work.pop() {
             let part = &planned[range.clone()];

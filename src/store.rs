@@ -284,6 +284,10 @@ pub struct ClaimedEvent {
     pub props: Vec<ClaimedProp>,
     pub stream: Option<String>,
     pub source: Option<String>,
+    /// The entity delete this worker delivered last, if any (its `D` record survives the
+    /// property records it cleared): a property's last delivery is the newer of the two.
+    /// Read once per entity at claim; only a settle of this (claimed) entity writes it.
+    pub delivered_delete: Option<DeliveredRecord>,
 }
 
 impl ClaimedEvent {
@@ -411,6 +415,10 @@ struct Inner {
     /// Keys written to the log and not compacted yet: counted against the key limit so a burst
     /// of new keys cannot overshoot it by more than what is in flight.
     log_keys: AtomicU64,
+    /// `counters.pending_keys` as last published under the state lock: `admit` reads it
+    /// (with `log_keys`) without waiting for the lock, which a compaction step holds for the
+    /// whole step. See [`Store::publish_counters`] for why the pair never reads low.
+    pending_keys_seen: AtomicU64,
     /// Encoded log bytes acknowledged since this process opened the store (monotonic, in
     /// memory): the flush worker's byte-size trigger compares it with its value at the last
     /// flush, so a burst of large values is sent without waiting for the interval.
@@ -637,6 +645,13 @@ impl<'a> Txn<'a> {
 
 // ---------------------------------------------------------------------------------------------
 
+/// Opens the sled tree of a store directory as it is (no checks, no repair, no salvage),
+/// waiting like [`open_when_unlocked`] while a handle this process just closed still holds its
+/// lock. For tests and tools that read or tamper with raw records of a stopped store.
+pub fn open_tree_raw(path: &Path) -> sled::Result<sled::Db> {
+    open_when_unlocked(path, &StoreOptions::default())
+}
+
 /// Opens a sled tree this process has just closed, retrying for up to
 /// `REOPEN_LOCK_WAIT_MS_MAX` while the closed handle's threads still hold its lock.
 fn open_when_unlocked(path: &Path, opts: &StoreOptions) -> sled::Result<sled::Db> {
@@ -704,7 +719,9 @@ fn remove_torn_snapshots(path: &Path) {
     }
 }
 
-fn sled_config(path: &Path, opts: &StoreOptions) -> sled::Config {
+/// The sled configuration of a store at `path` (public so the benchmark's raw limit writes
+/// with exactly the worker's options).
+pub fn sled_config(path: &Path, opts: &StoreOptions) -> sled::Config {
     sled::Config::new()
         .path(path)
         .cache_capacity(opts.cache_bytes)
@@ -927,6 +944,7 @@ impl Store {
             })
             .sum();
         let db_file = File::open(path.join("db")).ok();
+        let pending_keys_seen = AtomicU64::new(counters.pending_keys);
         let inner = Arc::new(Inner {
             dir: path.clone(),
             db: std::sync::RwLock::new(db),
@@ -945,6 +963,7 @@ impl Store {
             next_seq: AtomicU64::new(next_seq),
             acked_seq_file: Mutex::new(acked_seq_file),
             log_keys: AtomicU64::new(log_keys),
+            pending_keys_seen,
             ingested_bytes: AtomicU64::new(0),
             disk_bytes: AtomicU64::new(0),
             rotated_bytes: AtomicU64::new(0),
@@ -1129,16 +1148,20 @@ impl Store {
         // not known without reading it), so it over-counts until the log is folded: it is
         // evaluated again after a fold.
         let full_now = || -> Option<String> {
-            // One consistent view: the compactor moves keys from the log count to the pending
-            // count under the state lock.
-            let (pending, log_keys) = {
+            // Without the state lock first: a compaction step holds it for the whole step, and
+            // every commit group waited behind one (measured: the writer's cycle was several
+            // times its own work). This view can read high, never low (`publish_counters`).
+            let keys = self.seen_keys() + extra_keys;
+            let keys = if keys + req_keys > self.inner.opts.pending_keys_max {
+                // Looks full: judge on the exact view. The compactor moves keys from the log
+                // count to the pending count under the state lock.
                 let state = lock(&self.inner.state);
-                (
-                    state.counters.pending_keys,
-                    self.inner.log_keys.load(Ordering::Relaxed),
-                )
+                state.counters.pending_keys
+                    + self.inner.log_keys.load(Ordering::SeqCst)
+                    + extra_keys
+            } else {
+                keys
             };
-            let keys = pending + log_keys + extra_keys;
             let disk = self.inner.disk_bytes.load(Ordering::Relaxed);
             if keys + req_keys > self.inner.opts.pending_keys_max {
                 Some(format!(
@@ -1253,7 +1276,7 @@ impl Store {
         // Counted before the records become visible: the compactor may fold them (and subtract
         // them) while this thread still waits for the sync; adding afterwards would leave
         // phantom keys that make `admit` refuse new keys on an empty outbox.
-        self.inner.log_keys.fetch_add(added_keys, Ordering::Relaxed);
+        self.inner.log_keys.fetch_add(added_keys, Ordering::SeqCst);
         let applied = self.db().apply_batch(batch).map_err(StoreError::storage);
         if applied.is_err() {
             let _ = self
@@ -1398,18 +1421,41 @@ impl Store {
         }
         counters.compacted_records += folded as u64;
         txn.commit(&mut counters)?;
-        state.counters = counters;
-        // Under the state lock, together with the pending count: `admit` reads both under it,
-        // and a moment where the folded keys counted as pending AND still as log keys made it
-        // refuse a new key on a store below its limit.
+        self.publish_counters(&mut state, counters);
+        // Under the state lock, together with the pending count and AFTER publishing it:
+        // `admit` judges a full store on both read under the lock (a moment where the folded
+        // keys counted as pending AND still as log keys made it refuse a new key on a store
+        // below its limit), and reads them without the lock in the order `seen_keys` relies on.
         let _ = self
             .inner
             .log_keys
-            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |v| {
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |v| {
                 Some(v.saturating_sub(keys_folded))
             });
         drop(state);
         Ok(folded)
+    }
+
+    /// Installs `c` as the engine's counters (under the state lock) and publishes its pending
+    /// count for [`Store::seen_keys`].
+    fn publish_counters(&self, state: &mut MutexGuard<'_, State>, c: Counters) {
+        self.inner
+            .pending_keys_seen
+            .store(c.pending_keys, Ordering::SeqCst);
+        state.counters = c;
+    }
+
+    /// Pending plus uncompacted keys, read without the state lock. Never lower than the exact
+    /// count at some moment during the call: every change of the pair is made under the
+    /// state lock, and a compaction step publishes its higher pending count BEFORE it takes
+    /// the folded keys off `log_keys`; this reads `log_keys` first. A reader that sees the
+    /// lowered log count therefore also sees the raised pending count (SeqCst), and one that
+    /// sees the old log count adds the folded keys twice, which only reads high (the caller
+    /// then checks under the lock).
+    fn seen_keys(&self) -> u64 {
+        let log_keys = self.inner.log_keys.load(Ordering::SeqCst);
+        let pending = self.inner.pending_keys_seen.load(Ordering::SeqCst);
+        pending + log_keys
     }
 
     /// Compacts until the log is empty.
@@ -1510,6 +1556,7 @@ impl Store {
                 return Ok(vec![ClaimedEvent {
                     entity: entity.to_string(),
                     delete: true,
+                    delivered_delete: prop.delivered.clone(),
                     props: vec![prop],
                     stream: p.stream,
                     source: p.source,
@@ -1520,6 +1567,10 @@ impl Store {
                 .or_default()
                 .push(prop);
         }
+        if groups.is_empty() {
+            return Ok(Vec::new());
+        }
+        let delivered_delete = self.delivered(&PropKey::new(entity, DELETE_PROPERTY))?;
         Ok(groups
             .into_iter()
             .map(|((stream, source), props)| ClaimedEvent {
@@ -1528,6 +1579,7 @@ impl Store {
                 props,
                 stream,
                 source,
+                delivered_delete: delivered_delete.clone(),
             })
             .collect())
     }
@@ -1651,7 +1703,7 @@ impl Store {
             }
         }
         txn.commit(&mut counters)?;
-        state.counters = counters;
+        self.publish_counters(&mut state, counters);
         for e in entities {
             state.in_flight.remove(&e);
         }
@@ -1683,7 +1735,7 @@ impl Store {
             }
         }
         txn.commit(&mut counters)?;
-        state.counters = counters;
+        self.publish_counters(&mut state, counters);
         Ok(out)
     }
 
@@ -1756,7 +1808,7 @@ impl Store {
             }
         }
         txn.commit(&mut counters)?;
-        state.counters = counters;
+        self.publish_counters(&mut state, counters);
         drop(state);
         self.sync_durable().map_err(StoreError::storage)?;
         Ok(moved)
@@ -1785,7 +1837,7 @@ impl Store {
             }
         }
         txn.commit(&mut counters)?;
-        state.counters = counters;
+        self.publish_counters(state, counters);
         Ok(())
     }
 
@@ -1950,7 +2002,7 @@ impl Store {
         self.db()
             .insert(META_COUNTERS, record::encode(&c))
             .map_err(StoreError::storage)?;
-        state.counters = c;
+        self.publish_counters(&mut state, c);
         Ok(())
     }
 
@@ -3271,4 +3323,47 @@ fn recover_rotation(data_dir: &Path) -> Result<(), StoreError> {
     }
     let _ = sync_dir(data_dir);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Update, UpdateOp};
+
+    #[test]
+    fn ingest_below_the_limit_never_waits_for_the_engine_lock() {
+        // A compaction step holds the state lock for the whole step; a commit group that
+        // waited for it to admit a request made every ingest wait behind compaction.
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (store, _) = Store::open(
+            dir.path(),
+            StoreOptions {
+                durability: Durability::Flush,
+                pending_keys_max: 1_000,
+                ..StoreOptions::default()
+            },
+        )
+        .expect("open");
+        let held = lock(&store.inner.state);
+        let (tx, rx) = std::sync::mpsc::channel();
+        let s = store.clone();
+        std::thread::spawn(move || {
+            let up = Update {
+                entity: "e".into(),
+                op: UpdateOp::Set([("v".to_string(), serde_json::json!(1))].into()),
+                ts_ms: 1,
+                stream: None,
+                source: None,
+            };
+            let _ = tx.send(s.ingest_blocking(vec![up]));
+        });
+        // Generous: the ingest needs no lock at all, so only a stalled machine comes near this.
+        let r = rx.recv_timeout(Duration::from_secs(60));
+        drop(held);
+        let ack = r
+            .expect("ingest waited for the engine lock")
+            .expect("ingest");
+        assert_eq!(ack.accepted, 1);
+        store.close().expect("close");
+    }
 }

@@ -969,16 +969,8 @@ fn export_posted_to_a_second_worker_reaches_flux() {
 /// Opens a store's sled tree directly, to plant damage. Retries for up to 2 s while sled's
 /// background threads of a store this process just closed still hold its lock.
 fn open_raw(path: &Path) -> sled::Db {
-    let t0 = std::time::Instant::now();
-    loop {
-        match sled::Config::new().path(path).flush_every_ms(None).open() {
-            Ok(db) => return db,
-            Err(e) if t0.elapsed() < Duration::from_secs(2) && e.to_string().contains("lock") => {
-                std::thread::sleep(Duration::from_millis(10))
-            }
-            Err(e) => panic!("open {}: {e}", path.display()),
-        }
-    }
+    flux_outbox::store::open_tree_raw(path)
+        .unwrap_or_else(|e| panic!("open {}: {e}", path.display()))
 }
 
 /// Copies the healthy fixture, lets `tamper` change raw records, and runs verify.

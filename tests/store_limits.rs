@@ -363,3 +363,45 @@ fn a_background_fold_never_makes_a_store_below_its_limit_refuse_a_new_key() {
     drop(compactor);
     assert_clean(&store);
 }
+
+#[test]
+fn a_background_fold_never_lets_the_store_take_more_keys_than_its_limit() {
+    // `admit` reads the pending and uncompacted counts without the engine lock while the
+    // compactor moves keys from one to the other; reading them in the wrong order would see
+    // the folded keys in neither and accept keys beyond the limit. Rounds of more new keys
+    // than the limit, posted at once, against a running compactor.
+    const LIMIT: u64 = 6;
+    let dir = tempfile::tempdir().unwrap();
+    let (store, _) = open(dir.path(), limited(LIMIT));
+    let compactor = flux_outbox::compactor::spawn(store.clone()).unwrap();
+    for round in 0..300 {
+        let posts: Vec<_> = (0..2 * LIMIT)
+            .map(|i| {
+                let s = store.clone();
+                std::thread::spawn(move || {
+                    s.ingest_blocking(vec![set(&format!("r{round}-{i}"), 1, &[("v", json!(i))])])
+                })
+            })
+            .collect();
+        let accepted = posts
+            .into_iter()
+            .map(|p| p.join().unwrap())
+            .filter(|r| r.is_ok())
+            .count() as u64;
+        store.compact_all().unwrap();
+        let pending = store.stats().pending_keys;
+        assert_eq!(
+            pending, accepted,
+            "round {round}: accepted keys not pending"
+        );
+        assert!(
+            pending <= LIMIT,
+            "round {round}: {pending} keys accepted, limit {LIMIT}"
+        );
+        while let Some(c) = store.claim(ALL).unwrap() {
+            deliver_all(&store, &c);
+        }
+    }
+    drop(compactor);
+    assert_clean(&store);
+}

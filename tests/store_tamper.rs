@@ -10,7 +10,9 @@ use std::path::{Path, PathBuf};
 use common::*;
 use flux_outbox::model::PropKey;
 use flux_outbox::record::FORMAT_VERSION;
-use flux_outbox::store::{OpenReport, Outcome, Store, StoreError, ACKED_SEQ_FILE, STORE_DIR};
+use flux_outbox::store::{
+    open_tree_raw, OpenReport, Outcome, Store, StoreError, ACKED_SEQ_FILE, STORE_DIR,
+};
 use serde_json::json;
 
 /// The `P` key of (entity, property), as the store's module doc lays it out.
@@ -236,7 +238,7 @@ fn a_malformed_entity_count_is_recounted() {
 
 /// Every record of a sled directory, read with sled directly.
 fn raw_contents(path: &Path) -> BTreeMap<Vec<u8>, Vec<u8>> {
-    let db = open_raw_retry(path);
+    let db = open_tree_raw(path).expect("open the raw tree");
     let out = db
         .iter()
         .map(|kv| {
@@ -260,7 +262,7 @@ fn a_newer_format_is_refused_and_left_untouched() {
     drop(store);
     let store_path = dir.path().join(STORE_DIR);
     // Wait for sled to let go of the lock before reading it raw.
-    drop(open_raw_retry(&store_path));
+    drop(open_tree_raw(&store_path).expect("open the raw tree"));
     let before = raw_contents(&store_path);
 
     let mut result = Store::open(dir.path(), fast_opts());
@@ -279,7 +281,7 @@ fn a_newer_format_is_refused_and_left_untouched() {
         Ok(_) => panic!("expected NewerFormat, the store opened"),
     }
     std::thread::sleep(std::time::Duration::from_millis(100));
-    drop(open_raw_retry(&store_path));
+    drop(open_tree_raw(&store_path).expect("open the raw tree"));
     assert_eq!(raw_contents(&store_path), before, "records changed");
     assert_eq!(
         dir_entries(dir.path()),
@@ -355,21 +357,11 @@ fn damage_closed(store: Store, dir: &Path, f: impl FnOnce(&sled::Db)) {
     store.close().unwrap();
     drop(store);
     let path = dir.join(STORE_DIR);
-    let db = open_raw_retry(&path);
+    let db = open_tree_raw(&path).expect("open the raw tree");
     f(&db);
     db.flush().unwrap();
     drop(db);
-    drop(open_raw_retry(&path));
-}
-
-fn open_raw_retry(path: &Path) -> sled::Db {
-    for _ in 0..200 {
-        match sled::open(path) {
-            Ok(db) => return db,
-            Err(_) => std::thread::sleep(std::time::Duration::from_millis(10)),
-        }
-    }
-    sled::open(path).unwrap()
+    drop(open_tree_raw(&path).expect("open the raw tree"));
 }
 
 #[test]

@@ -45,11 +45,8 @@ pub fn raw_sled(
         return Err("raw limit: no records".into());
     }
     let path = dir.join("store");
-    let db = sled::Config::new()
-        .path(&path)
-        .cache_capacity(16 * 1024 * 1024)
-        .flush_every_ms(Some(500))
-        .mode(sled::Mode::LowSpace)
+    // The worker's own sled options (cache size, flush timer, mode), default configuration.
+    let db = flux_outbox::store::sled_config(&path, &flux_outbox::store::StoreOptions::default())
         .open()
         .map_err(|e| format!("raw limit: cannot open sled in {}: {e}", path.display()))?;
     db.flush()

@@ -515,21 +515,23 @@ impl Flusher {
                 }
             }
         }
-        // Off the runtime's worker threads (sled calls block). Should this task be cancelled
-        // meanwhile, the settle still completes; the guard then only releases the entities.
+        // Off the runtime's worker threads (sled calls block). The guard goes with the settle:
+        // should this task be cancelled meanwhile (the final flush timeout), the entities are
+        // released only once the settle is done, never claimed again while it runs.
         let store = self.store.clone();
-        let settled =
-            tokio::task::spawn_blocking(move || store.settle_noting(settlements, suspect_writes))
-                .await
-                .unwrap_or_else(|e| Err(StoreError::Other(format!("settle task: {e}"))));
-        match settled {
-            Ok(()) => guard.settled(),
-            Err(e) => {
-                // Dropping the guard releases the claim: the batch will be resent.
-                tracing::error!(error = %e, "settle failed; the batch will be resent");
-                self.store.note_storage_failure(&e);
-                drop(guard);
+        let settled = tokio::task::spawn_blocking(move || {
+            let r = store.settle_noting(settlements, suspect_writes);
+            if r.is_ok() {
+                guard.settled();
             }
+            // On an error, dropping the guard releases the claim: the batch will be resent.
+            r
+        })
+        .await
+        .unwrap_or_else(|e| Err(StoreError::Other(format!("settle task: {e}"))));
+        if let Err(e) = settled {
+            tracing::error!(error = %e, "settle failed; the batch will be resent");
+            self.store.note_storage_failure(&e);
         }
         if delivered_any {
             self.metrics

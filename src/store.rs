@@ -46,6 +46,9 @@
 //! keys included, so the fold also corrects that over-count: when the store is below its limits
 //! after the fold, the request is accepted. Deletes are always accepted. Otherwise
 //! `StoreError::Full` (HTTP 507); nothing already accepted is ever dropped to make room.
+//! Below the limits, `admit` reads the counts without the state lock (a compaction step holds
+//! it for the whole step); that view can only read high, and a store that looks full is judged
+//! again on the exact counts under the lock (`Store::seen_keys`).
 //!
 //! # Space: what a drained store keeps (decided, measured)
 //! `shrink_if_drained` rotates a drained store to a fresh one holding only `M`, `D`, `T`, `Q`

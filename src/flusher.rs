@@ -404,7 +404,7 @@ impl Flusher {
             if *shutdown.borrow() {
                 return;
             }
-            let stats = self.store.stats();
+            let stats = self.stats_off_runtime().await;
             let ingested = self.store.ingested_bytes();
             let due = retry_due
                 || last_flush.elapsed() >= self.opts.interval
@@ -421,7 +421,9 @@ impl Flusher {
                 let verdict = self.drain_once().await;
                 // Progress in this drain means the link works: a few unknown events among many
                 // delivered ones must not push the worker to the slow cap.
-                if verdict == LinkVerdict::Ok || self.store.stats().delivered > delivered_before {
+                if verdict == LinkVerdict::Ok
+                    || self.stats_off_runtime().await.delivered > delivered_before
+                {
                     pacer.reset();
                 }
                 if verdict != LinkVerdict::Ok {
@@ -440,6 +442,21 @@ impl Flusher {
         }
     }
 
+    /// The store's counts, read on the blocking pool: `Store::stats` takes the state lock, which
+    /// a compaction step holds for the whole step, and this loop polls every 50 ms; on a runtime
+    /// worker thread that wait would hold up the ingest handlers served by the same thread.
+    async fn stats_off_runtime(&self) -> crate::store::Stats {
+        let store = self.store.clone();
+        match tokio::task::spawn_blocking(move || store.stats()).await {
+            Ok(s) => s,
+            Err(e) => {
+                // Only a panic inside `stats` gets here; no counts means no flush this round.
+                tracing::error!(error = %e, "reading the store's counts failed");
+                crate::store::Stats::default()
+            }
+        }
+    }
+
     /// Claims and sends batches, up to `in_flight_max` at once, until nothing is claimable or a
     /// batch reports a link problem.
     pub async fn drain_once(self: &Arc<Self>) -> LinkVerdict {
@@ -453,11 +470,17 @@ impl Flusher {
             crate::watchdog::flush_loop_beat();
             while tasks.len() < self.opts.in_flight_max.max(1) && verdict == LinkVerdict::Ok {
                 // sled calls block: off the runtime's worker threads, which also serve ingest.
+                // The guard is made on the blocking thread: should this future be dropped while
+                // the claim runs (shutdown), the finished claim is dropped with its guard and
+                // its entities are released, not left claimed until a restart.
                 let store = self.store.clone();
-                let claimed = tokio::task::spawn_blocking(move || store.claim(limits))
-                    .await
-                    .unwrap_or_else(|e| Err(StoreError::Other(format!("claim task: {e}"))));
-                let claim = match claimed {
+                let claimed = tokio::task::spawn_blocking(move || {
+                    let claim = store.claim(limits)?;
+                    Ok(claim.map(|c| ClaimGuard::new(store, c)))
+                })
+                .await
+                .unwrap_or_else(|e| Err(StoreError::Other(format!("claim task: {e}"))));
+                let guard = match claimed {
                     Ok(Some(c)) => c,
                     Ok(None) => break,
                     Err(e) => {
@@ -467,7 +490,6 @@ impl Flusher {
                     }
                 };
                 let me = self.clone();
-                let guard = ClaimGuard::new(self.store.clone(), claim);
                 tasks.spawn(async move { me.send_claim(guard).await });
             }
             match tasks.join_next().await {
@@ -605,7 +627,7 @@ impl Flusher {
             let deleted = if ev.delete || self.opts.merge == MergeMode::Blind {
                 None
             } else {
-                ev.delivered_delete.clone()
+                ev.delivered_delete
             };
             let writes: Vec<PropertyWrite<'_>> = ev
                 .props

@@ -1220,3 +1220,49 @@ async fn a_dead_link_costs_a_few_reads_per_attempt_not_one_per_entity() {
     assert_eq!(s.in_flight_entities, 0);
     assert_eq!(sim.stats().events_applied, 0);
 }
+
+/// A flush cancelled while its claim runs on the blocking pool (shutdown's abort or timeout)
+/// must not leave the claimed entities in flight until a restart: the finished claim is dropped
+/// with its guard, the entities are released, and the next flush delivers them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flush_cancelled_during_its_claim_releases_the_entities() {
+    let respond: Responder = Arc::new(|events: &[Value]| (200, "application/json", all_ok(events)));
+    let fake = fake_flux(respond, Duration::from_millis(1)).await;
+    let rig = Rig::new(
+        client(&fake.url, None, Duration::from_secs(10)),
+        blind_opts(),
+    );
+    rig.ingest(vec![set("e", TS, &[("v", json!(1))])]).await;
+    // Folded first, so the cancelled claim does claim the key.
+    rig.wait(
+        Duration::from_secs(10),
+        "the key folded into pending",
+        |r| r.store.stats().pending_keys == 1,
+    )
+    .await;
+    // Polled once (that poll starts the claim on the blocking pool and waits for it), then
+    // dropped, as shutdown's abort drops it.
+    let cut = futures_util::FutureExt::now_or_never(rig.flusher.drain_once());
+    assert!(
+        cut.is_none(),
+        "the flush finished before it could be cancelled"
+    );
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        rig.flusher.drain_once().await;
+        let s = rig.store.stats();
+        if s.pending_keys == 0 {
+            assert_eq!(s.in_flight_entities, 0);
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the entity is still pending after 10 s (in flight: {}): the cancelled claim was never released",
+            s.in_flight_entities
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let b = fake.batches.lock().unwrap().clone();
+    assert_eq!(b.len(), 1, "delivered once, after the cancel: {b:?}");
+    assert_eq!(b[0].1[0]["payload"]["properties"]["v"], json!(1));
+}

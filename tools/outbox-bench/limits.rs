@@ -32,8 +32,9 @@ pub fn log_record_bytes(key: u64, value: &Value, ts_ms: u64) -> Vec<u8> {
 
 /// Raw sled group commit: `apply_batch` of `batch` log records (keys `L` + seq, as the worker's)
 /// plus the `next_seq` meta record, `flush()`, fdatasync of the `db` file; repeated until
-/// `updates_max` records or `time_max`. The sled options are the worker's (16 MiB cache,
-/// low-space mode). Returns (records written, elapsed).
+/// `updates_max` records or `time_max`. The sled options are the worker's defaults
+/// (`store::sled_config`: 4 MiB cache, its flush timer and mode). Returns (records written,
+/// elapsed).
 pub fn raw_sled(
     dir: &Path,
     values: &[Vec<u8>],
@@ -183,6 +184,121 @@ pub async fn sim_capacity(
     if stats.events_applied != applied {
         return Err(format!(
             "sim capacity: {applied} events answered as applied but the sim counted {}",
+            stats.events_applied
+        ));
+    }
+    sim.shutdown().await;
+    Ok((applied, elapsed))
+}
+
+/// A worker without a store: the worker's own Flux client (`FluxClient`, configured as the
+/// worker configures it) delivering pre-built events (one entity with all its properties each,
+/// `entities` distinct entities at most) in batches of `batch_events`, `concurrency` batches at
+/// once, reading every entity of a batch first with at most `read_concurrency` reads at a time
+/// (as the flusher's read-merge-write does) unless `blind`; every answer is classified by the
+/// worker's parser and every event must come back applied. It runs until every entity was sent
+/// once and `time_min` passed (at most `time_max`). Returns (events applied, elapsed).
+///
+/// Why: this is the drain `ratio` a worker reaches when its store costs nothing. The client
+/// shares the machine's cores with flux-sim, as the worker does, and builds each request body and
+/// parses each answer, as the worker must; the real worker's claim, decoding, merge planning and
+/// settle can only lower it. It splits the drain's gap to flux-sim into the part any client of
+/// this kind has and the part the worker's own work adds.
+pub async fn client_capacity(
+    batch_events: usize,
+    concurrency: usize,
+    read_concurrency: usize,
+    entities: u64,
+    blind: bool,
+    time_min: Duration,
+    time_max: Duration,
+) -> Res<(u64, Duration)> {
+    use flux_outbox::flux_client::{BatchOutcome, ClientConfig, EventOutcome, FluxClient};
+    use futures_util::stream::{self, StreamExt};
+
+    let sim = start_sim(0, false).await?;
+    let ts = now_ms();
+    // At most 100 distinct batches are kept (memory, as `sim_capacity`); later ones repeat them.
+    let batches = entities.div_ceil(batch_events as u64).clamp(1, 100);
+    let need = entities.div_ceil(batch_events as u64).max(1);
+    let bodies: Vec<Vec<FluxEvent>> = (0..batches)
+        .map(|b| {
+            (b * batch_events as u64..(b + 1) * batch_events as u64)
+                .map(|e| flux_event(e, ts))
+                .collect()
+        })
+        .collect();
+    let bodies = Arc::new(bodies);
+    let client = FluxClient::new(ClientConfig {
+        base_url: sim.url(),
+        pool_max_idle_per_host: concurrency + read_concurrency,
+        ..ClientConfig::default()
+    })
+    .map_err(|e| format!("client capacity: cannot build the Flux client: {e}"))?;
+    let next = Arc::new(AtomicU64::new(0));
+    let start = Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..concurrency.max(1) {
+        let (client, next, bodies) = (client.clone(), next.clone(), bodies.clone());
+        tasks.spawn(async move {
+            let mut ok = 0u64;
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                let t = start.elapsed();
+                if (i >= need && t >= time_min) || t >= time_max {
+                    return Ok::<u64, String>(ok);
+                }
+                let events = &bodies[(i % bodies.len() as u64) as usize];
+                if !blind {
+                    // Owned ids and client handles, collected first: a stream holding the
+                    // mapping closure cannot be proven `Send` for every lifetime in a task.
+                    let reads: Vec<_> = events
+                        .iter()
+                        .map(|e| {
+                            let (client, id) = (client.clone(), e.entity_id.clone());
+                            async move { client.get_entity(&id).await }
+                        })
+                        .collect();
+                    let mut reads = stream::iter(reads).buffer_unordered(read_concurrency.max(1));
+                    while let Some(r) = reads.next().await {
+                        r.map_err(|e| format!("client capacity: read failed: {e}"))?;
+                    }
+                }
+                match client.post_batch(events).await {
+                    BatchOutcome::PerEvent(outcomes) => {
+                        for o in outcomes {
+                            match o {
+                                EventOutcome::Applied { .. } => ok += 1,
+                                other => {
+                                    return Err(format!(
+                                        "client capacity: an event was not applied: {other:?}"
+                                    ))
+                                }
+                            }
+                        }
+                    }
+                    other => {
+                        return Err(format!(
+                            "client capacity: flux-sim refused a batch: {other:?}"
+                        ))
+                    }
+                }
+            }
+        });
+    }
+    let mut applied = 0;
+    while let Some(r) = tasks.join_next().await {
+        match r {
+            Ok(Ok(n)) => applied += n,
+            Ok(Err(e)) => return Err(e),
+            Err(e) => return Err(format!("client capacity task failed: {e}")),
+        }
+    }
+    let elapsed = start.elapsed();
+    let stats = sim.stats();
+    if stats.events_applied != applied {
+        return Err(format!(
+            "client capacity: {applied} events answered as applied but the sim counted {}",
             stats.events_applied
         ));
     }

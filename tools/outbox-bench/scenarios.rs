@@ -12,7 +12,7 @@ use crate::harness::{
     proc_cpu_ticks, proc_status_bytes, push_line, set_link, start_proxy, start_sim, tempdir,
     value_of, BodyGen, Res, Worker, WorkerSpec, TAGS, UPDATES_PER_REQUEST,
 };
-use crate::limits::{log_record_bytes, raw_sled, sim_capacity};
+use crate::limits::{client_capacity, log_record_bytes, raw_sled, sim_capacity};
 use crate::{Ctx, Report};
 
 /// Longest any single wait for the worker may take (compaction, drain); a run that needs more
@@ -56,7 +56,7 @@ pub async fn ingest(cx: &Ctx) -> Res<Report> {
     }
     let records = Arc::new(records);
 
-    let raw = |name: &str| {
+    let raw = |name: &str, batch: usize| {
         let dir = root.path().join(name);
         let records = records.clone();
         let (n, t) = (s.raw_updates, s.raw_time);
@@ -64,7 +64,7 @@ pub async fn ingest(cx: &Ctx) -> Res<Report> {
             tokio::task::spawn_blocking(move || {
                 std::fs::create_dir_all(&dir)
                     .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
-                let r = raw_sled(&dir, &records, UPDATES_PER_REQUEST as usize, n, t);
+                let r = raw_sled(&dir, &records, batch, n, t);
                 let _ = std::fs::remove_dir_all(&dir);
                 r
             })
@@ -74,7 +74,7 @@ pub async fn ingest(cx: &Ctx) -> Res<Report> {
     };
 
     cx.progress("ingest: raw sled limit (before)");
-    let (raw1_n, raw1_t) = raw("raw-before").await?;
+    let (raw1_n, raw1_t) = raw("raw-before", UPDATES_PER_REQUEST as usize).await?;
 
     let sim = start_sim(0, true).await?;
     let wdir = root.path().join("worker");
@@ -113,8 +113,16 @@ pub async fn ingest(cx: &Ctx) -> Res<Report> {
     .await?;
 
     cx.progress("ingest: raw sled limit (after)");
-    let (raw2_n, raw2_t) = raw("raw-after").await?;
+    let (raw2_n, raw2_t) = raw("raw-after", UPDATES_PER_REQUEST as usize).await?;
     let raw_updates_per_s = rate(raw1_n + raw2_n, raw1_t + raw2_t);
+    // The worker's commit groups gather every request waiting at once: with `BULK_CONNS`
+    // connections up to that many requests share one sync, more than the fixed batch of
+    // 1,000. The same measurement at that group size is the fairer limit, and shows why `ratio`
+    // can exceed 1.
+    cx.progress("ingest: raw sled limit at the worker's largest group");
+    let group = BULK_CONNS * UPDATES_PER_REQUEST as usize;
+    let (rawg_n, rawg_t) = raw("raw-group", group).await?;
+    let raw_group_updates_per_s = rate(rawg_n, rawg_t);
 
     cx.progress("ingest: single-update ack latency");
     let (lat, errors, achieved) = ack_latency(cx, &w, s.ack_rate, s.ack_time).await?;
@@ -147,6 +155,18 @@ pub async fn ingest(cx: &Ctx) -> Res<Report> {
         "single-update requests",
     );
     r.f("ack_p99_ms", percentile(&lat, 99.0), 2, "target < 20 ms");
+    r.f(
+        "raw_group_updates_per_s",
+        raw_group_updates_per_s,
+        0,
+        "the same with apply_batch(connections x 1,000)",
+    );
+    r.f(
+        "ratio_group",
+        updates_per_s / raw_group_updates_per_s.max(1e-9),
+        3,
+        "updates_per_s / raw_group_updates_per_s",
+    );
     r.u("updates", updates, "acknowledged in the throughput phase");
     r.u("connections", BULK_CONNS as u64, "");
     r.f("raw_before_updates_per_s", rate(raw1_n, raw1_t), 0, "");
@@ -450,6 +470,30 @@ pub async fn drain(cx: &Ctx) -> Res<Report> {
     cx.progress(&format!("drain: {keys} pending keys, merge = blind"));
     let (ev_blind, eps_blind) = drain_once(cx, true).await?;
     let sim_eps = rate(c1 + c2, t1 + t2);
+    let read_concurrency = flux_outbox::flusher::FlushOptions::default().read_concurrency;
+    cx.progress("drain: the worker's Flux client without a store, read-merge-write");
+    let (cr, tr) = client_capacity(
+        BATCH_EVENTS,
+        IN_FLIGHT,
+        read_concurrency,
+        entities,
+        false,
+        cap_min,
+        cap_max,
+    )
+    .await?;
+    cx.progress("drain: the worker's Flux client without a store, blind");
+    let (cb, tb) = client_capacity(
+        BATCH_EVENTS,
+        IN_FLIGHT,
+        read_concurrency,
+        entities,
+        true,
+        cap_min,
+        cap_max,
+    )
+    .await?;
+    let (client_eps, client_eps_blind) = (rate(cr, tr), rate(cb, tb));
 
     let mut r = Report::new("drain");
     r.f("events_per_s", eps_rmw, 0, "read-merge-write (default)");
@@ -462,6 +506,36 @@ pub async fn drain(cx: &Ctx) -> Res<Report> {
     r.f("ratio", eps_rmw / sim_eps.max(1e-9), 3, "target >= 0.9");
     r.f("events_per_s_blind", eps_blind, 0, "merge = blind");
     r.f("ratio_blind", eps_blind / sim_eps.max(1e-9), 3, "");
+    r.f(
+        "client_events_per_s",
+        client_eps,
+        0,
+        "the worker's Flux client, no store, read-merge-write",
+    );
+    r.f(
+        "ratio_ceiling",
+        client_eps / sim_eps.max(1e-9),
+        3,
+        "client_events_per_s / sim_events_per_s: the best ratio without a store",
+    );
+    r.f(
+        "client_events_per_s_blind",
+        client_eps_blind,
+        0,
+        "the same, merge = blind",
+    );
+    r.f(
+        "ratio_ceiling_blind",
+        client_eps_blind / sim_eps.max(1e-9),
+        3,
+        "",
+    );
+    r.f(
+        "worker_share",
+        eps_rmw / client_eps.max(1e-9),
+        3,
+        "events_per_s / client_events_per_s: what the worker's own work leaves",
+    );
     r.u("keys", keys, "pending at the start");
     r.u("events", ev_rmw, "one per entity");
     r.u(

@@ -1425,6 +1425,12 @@ impl Store {
         counters.compacted_records += folded as u64;
         txn.commit(&mut counters)?;
         self.publish_counters(&mut state, counters);
+        #[cfg(test)]
+        tests::FOLD_WINDOW_HOOK.with(|h| {
+            if let Some(f) = h.borrow_mut().as_mut() {
+                f()
+            }
+        });
         // Under the state lock, together with the pending count and AFTER publishing it:
         // `admit` judges a full store on both read under the lock (a moment where the folded
         // keys counted as pending AND still as log keys made it refuse a new key on a store
@@ -3333,6 +3339,76 @@ mod tests {
     use super::*;
     use crate::model::{Update, UpdateOp};
 
+    thread_local! {
+        /// Runs inside `compact_step`, on the compacting thread, between the step's two count
+        /// updates (pending published, log keys not yet lowered), with the state lock held.
+        pub(super) static FOLD_WINDOW_HOOK: std::cell::RefCell<Option<Box<dyn FnMut()>>> =
+            const { std::cell::RefCell::new(None) };
+    }
+
+    fn set_update(entity: &str) -> Update {
+        Update {
+            entity: entity.into(),
+            op: UpdateOp::Set([("v".to_string(), serde_json::json!(1))].into()),
+            ts_ms: 1,
+            stream: None,
+            source: None,
+        }
+    }
+
+    #[test]
+    fn the_lock_free_key_count_never_reads_low_inside_a_fold_step() {
+        // `admit` trusts `seen_keys` below the limits. A fold step moves keys from the log count
+        // to the pending count; if it lowered the log count before publishing the pending one,
+        // a reader in between would see the folded keys in neither and admit beyond the limit.
+        const KEYS: u64 = 50;
+        let dir = tempfile::tempdir().expect("tempdir");
+        let (store, _) = Store::open(
+            dir.path(),
+            StoreOptions {
+                durability: Durability::Flush,
+                ..StoreOptions::default()
+            },
+        )
+        .expect("open");
+        for i in 0..KEYS {
+            store
+                .ingest_blocking(vec![set_update(&format!("e{i}"))])
+                .expect("ingest");
+        }
+        assert_eq!(store.seen_keys(), KEYS, "all in the log, none pending yet");
+        let (inside_tx, inside_rx) = std::sync::mpsc::channel();
+        let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+        let s = store.clone();
+        let step = std::thread::spawn(move || {
+            FOLD_WINDOW_HOOK.with(|h| {
+                *h.borrow_mut() = Some(Box::new(move || {
+                    let _ = inside_tx.send(());
+                    let _ = go_rx.recv_timeout(Duration::from_secs(60));
+                }))
+            });
+            s.compact_step(10_000)
+        });
+        inside_rx
+            .recv_timeout(Duration::from_secs(60))
+            .expect("the fold step reached the window between its two count updates");
+        let seen_inside = store.seen_keys();
+        let _ = go_tx.send(());
+        let folded = step.join().expect("fold thread").expect("fold step");
+        assert_eq!(folded as u64, KEYS);
+        assert!(
+            seen_inside >= KEYS,
+            "inside the fold step the lock-free count read {seen_inside}, below the {KEYS} keys held"
+        );
+        assert_eq!(
+            store.seen_keys(),
+            KEYS,
+            "after the step: all pending, none in the log"
+        );
+        assert_eq!(store.stats().pending_keys, KEYS);
+        store.close().expect("close");
+    }
+
     #[test]
     fn ingest_below_the_limit_never_waits_for_the_engine_lock() {
         // A compaction step holds the state lock for the whole step; a commit group that
@@ -3351,14 +3427,7 @@ mod tests {
         let (tx, rx) = std::sync::mpsc::channel();
         let s = store.clone();
         std::thread::spawn(move || {
-            let up = Update {
-                entity: "e".into(),
-                op: UpdateOp::Set([("v".to_string(), serde_json::json!(1))].into()),
-                ts_ms: 1,
-                stream: None,
-                source: None,
-            };
-            let _ = tx.send(s.ingest_blocking(vec![up]));
+            let _ = tx.send(s.ingest_blocking(vec![set_update("e")]));
         });
         // Generous: the ingest needs no lock at all, so only a stalled machine comes near this.
         let r = rx.recv_timeout(Duration::from_secs(60));

@@ -449,9 +449,12 @@ impl Flusher {
         let store = self.store.clone();
         match tokio::task::spawn_blocking(move || store.stats()).await {
             Ok(s) => s,
+            // A panic inside `stats` ends this loop as it did when `stats` ran here: quietly
+            // skipping rounds would stall delivery while the watchdog still saw a live loop.
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
             Err(e) => {
-                // Only a panic inside `stats` gets here; no counts means no flush this round.
-                tracing::error!(error = %e, "reading the store's counts failed");
+                // Cancelled: only when the runtime shuts down. No counts, no flush this round.
+                tracing::warn!(error = %e, "reading the store's counts was cancelled");
                 crate::store::Stats::default()
             }
         }

@@ -16,6 +16,11 @@
 //!   time, peak RSS, disk with the keys and after the drain.
 //! - `steady`: 5,000 updates/s for a minute with the link up: RSS, CPU, oldest pending age.
 //!
+//! Run only when named:
+//! - `layout`: the record layout's cost in sled itself, per key (as the store keeps pending keys
+//!   now) against per entity (a design not built): memory of a fresh process opening the store,
+//!   disk, and the drain's sled work (see `layout.rs`).
+//!
 //! The worker is the real `flux-outbox` binary, run as a child process (found next to this
 //! executable, or `--worker PATH`) on a temporary directory, talking to flux-sim in this
 //! process over loopback. With `--json`, every scenario prints one JSON object on one line on
@@ -23,6 +28,7 @@
 //! scenario ran (no threshold is asserted), 1 when one could not run, 2 on bad usage.
 
 mod harness;
+mod layout;
 mod limits;
 mod scenarios;
 
@@ -34,6 +40,8 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 
 const SCENARIOS: [&str; 5] = ["ingest", "compaction", "drain", "recovery", "steady"];
+/// Scenarios run only when named.
+const SCENARIOS_NAMED: [&str; 1] = ["layout"];
 
 #[derive(Parser)]
 #[command(
@@ -51,9 +59,14 @@ struct Cli {
     /// The flux-outbox worker binary (default: `flux-outbox` next to this executable).
     #[arg(long, value_name = "PATH")]
     worker: Option<PathBuf>,
-    /// Scenarios to run: ingest, compaction, drain, recovery, steady (default: all).
+    /// Scenarios to run: ingest, compaction, drain, recovery, steady (default: these five),
+    /// layout (only when named).
     #[arg(value_name = "SCENARIO")]
     scenarios: Vec<String>,
+    /// Internal: the `layout` scenario's child process; opens the store in DIR and prints its
+    /// RSS and peak RSS in bytes.
+    #[arg(long, hide = true, value_name = "DIR")]
+    layout_open: Option<PathBuf>,
 }
 
 /// Sizes of a run.
@@ -74,6 +87,8 @@ pub struct Sizes {
     pub steady_rate: u64,
     pub steady_time: Duration,
     pub steady_warmup: Duration,
+    pub layout_open_keys: u64,
+    pub layout_drain_keys: u64,
 }
 
 impl Sizes {
@@ -95,6 +110,8 @@ impl Sizes {
             steady_rate: 5_000,
             steady_time: Duration::from_secs(60),
             steady_warmup: Duration::from_secs(5),
+            layout_open_keys: 1_000_000,
+            layout_drain_keys: 200_000,
         }
     }
     fn quick() -> Self {
@@ -115,6 +132,8 @@ impl Sizes {
             steady_rate: 5_000,
             steady_time: Duration::from_secs(10),
             steady_warmup: Duration::from_secs(2),
+            layout_open_keys: 50_000,
+            layout_drain_keys: 20_000,
         }
     }
 }
@@ -240,14 +259,31 @@ fn worker_path(cli: &Cli) -> Result<PathBuf, String> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Some(dir) = &cli.layout_open {
+        return match layout::open_probe(dir) {
+            Ok(line) => {
+                println!("{line}");
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("outbox-bench: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     let mut chosen = Vec::new();
     for s in &cli.scenarios {
-        match SCENARIOS.iter().find(|n| **n == s.as_str()) {
+        match SCENARIOS
+            .iter()
+            .chain(SCENARIOS_NAMED.iter())
+            .find(|n| **n == s.as_str())
+        {
             Some(n) => chosen.push(*n),
             None => {
                 eprintln!(
-                    "outbox-bench: unknown scenario {s:?} (known: {})",
-                    SCENARIOS.join(", ")
+                    "outbox-bench: unknown scenario {s:?} (known: {}, {})",
+                    SCENARIOS.join(", "),
+                    SCENARIOS_NAMED.join(", ")
                 );
                 return ExitCode::from(2);
             }
@@ -309,6 +345,7 @@ fn main() -> ExitCode {
                 "compaction" => scenarios::compaction(&cx).await,
                 "drain" => scenarios::drain(&cx).await,
                 "recovery" => scenarios::recovery(&cx).await,
+                "layout" => layout::layout(&cx).await,
                 _ => scenarios::steady(&cx).await,
             }
         });

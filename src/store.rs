@@ -3346,6 +3346,19 @@ mod tests {
             const { std::cell::RefCell::new(None) };
     }
 
+    fn open_flush(dir: &Path, pending_keys_max: u64) -> Store {
+        let (store, _) = Store::open(
+            dir,
+            StoreOptions {
+                durability: Durability::Flush,
+                pending_keys_max,
+                ..StoreOptions::default()
+            },
+        )
+        .expect("open");
+        store
+    }
+
     fn set_update(entity: &str) -> Update {
         Update {
             entity: entity.into(),
@@ -3363,14 +3376,7 @@ mod tests {
         // a reader in between would see the folded keys in neither and admit beyond the limit.
         const KEYS: u64 = 50;
         let dir = tempfile::tempdir().expect("tempdir");
-        let (store, _) = Store::open(
-            dir.path(),
-            StoreOptions {
-                durability: Durability::Flush,
-                ..StoreOptions::default()
-            },
-        )
-        .expect("open");
+        let store = open_flush(dir.path(), StoreOptions::default().pending_keys_max);
         for i in 0..KEYS {
             store
                 .ingest_blocking(vec![set_update(&format!("e{i}"))])
@@ -3414,15 +3420,7 @@ mod tests {
         // A compaction step holds the state lock for the whole step; a commit group that
         // waited for it to admit a request made every ingest wait behind compaction.
         let dir = tempfile::tempdir().expect("tempdir");
-        let (store, _) = Store::open(
-            dir.path(),
-            StoreOptions {
-                durability: Durability::Flush,
-                pending_keys_max: 1_000,
-                ..StoreOptions::default()
-            },
-        )
-        .expect("open");
+        let store = open_flush(dir.path(), 1_000);
         let held = lock(&store.inner.state);
         let (tx, rx) = std::sync::mpsc::channel();
         let s = store.clone();

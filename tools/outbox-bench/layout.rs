@@ -15,7 +15,7 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use crate::harness::{disk_bytes, mib, tempdir, Res};
+use crate::harness::{disk_bytes, mib, proc_status_bytes, tempdir, Res};
 use crate::{Ctx, Report};
 
 const PROPS: u64 = 5;
@@ -31,10 +31,11 @@ enum Layout {
     Entity,
 }
 
+/// The store in `dir`, opened with the worker's sled options (waiting, like the worker, while a
+/// handle just closed still holds sled's lock).
 fn open_db(dir: &Path) -> Res<sled::Db> {
     let path = dir.join("store");
-    flux_outbox::store::sled_config(&path, &flux_outbox::store::StoreOptions::default())
-        .open()
+    flux_outbox::store::open_tree_raw(&path)
         .map_err(|e| format!("layout: cannot open sled in {}: {e}", path.display()))
 }
 
@@ -159,26 +160,12 @@ fn drain(db: &sled::Db, layout: Layout, entities: u64) -> Res<(u64, Duration)> {
 }
 
 /// The child side (`outbox-bench --layout-open DIR`): opens the store in DIR and prints its
-/// VmRSS and VmHWM in bytes. Retries while sled's threads of the writer still hold the lock.
+/// VmRSS and VmHWM in bytes.
 pub fn open_probe(dir: &Path) -> Res<String> {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let db = loop {
-        match open_db(dir) {
-            Ok(db) => break db,
-            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(50)),
-            Err(e) => return Err(e),
-        }
-    };
-    let status = std::fs::read_to_string("/proc/self/status")
-        .map_err(|e| format!("layout: cannot read /proc/self/status: {e}"))?;
-    let field = |name: &str| -> Res<u64> {
-        status
-            .lines()
-            .find(|l| l.starts_with(name))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|kb| kb.parse::<u64>().ok())
-            .map(|kb| kb * 1024)
-            .ok_or_else(|| format!("layout: no {name} in /proc/self/status"))
+    let db = open_db(dir)?;
+    let me = std::process::id();
+    let field = |name: &str| {
+        proc_status_bytes(me, name).ok_or_else(|| format!("layout: no {name} in /proc/{me}/status"))
     };
     let out = format!("{} {}", field("VmRSS:")?, field("VmHWM:")?);
     drop(db);

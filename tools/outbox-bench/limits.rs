@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use axum::body::Bytes;
 use flux_outbox::flux_client::FluxEvent;
 use flux_outbox::record::{self, LogRecord};
+use flux_outbox::sim::SimHandle;
 use serde_json::{Map, Value};
 
 use crate::harness::{key_names, now_ms, start_sim, Res, TAGS};
@@ -118,28 +119,17 @@ pub async fn sim_capacity(
     time_min: Duration,
     time_max: Duration,
 ) -> Res<(u64, Duration)> {
-    let ts = now_ms();
-    let batches = events_total.div_ceil(batch_events as u64).max(1);
-    let mut bodies = Vec::with_capacity(batches as usize);
-    for b in 0..batches {
-        let events: Vec<FluxEvent> = (b * batch_events as u64..(b + 1) * batch_events as u64)
-            .map(|e| flux_event(e, ts))
-            .collect();
+    let mut bodies = Vec::new();
+    for events in event_batches(events_total, batch_events) {
         let body = serde_json::to_vec(&serde_json::json!({ "events": events }))
             .map_err(|e| format!("cannot build a batch: {e}"))?;
         bodies.push(Bytes::from(body));
     }
     let bodies = Arc::new(bodies);
-    let (mut applied, mut posting) = (0u64, Duration::ZERO);
-    loop {
-        let left = time_max.saturating_sub(posting);
-        let (n, t) = sim_pass(&bodies, concurrency, left).await?;
-        applied += n;
-        posting += t;
-        if posting >= time_min || posting >= time_max {
-            return Ok((applied, posting));
-        }
-    }
+    repeat_passes(time_min, time_max, |left| {
+        sim_pass(&bodies, concurrency, left)
+    })
+    .await
 }
 
 /// One pass of [`sim_capacity`] on a fresh flux-sim: every body once (or until `time_max`).
@@ -188,24 +178,7 @@ async fn sim_pass(
             }
         });
     }
-    let mut applied = 0;
-    while let Some(r) = tasks.join_next().await {
-        match r {
-            Ok(Ok(n)) => applied += n,
-            Ok(Err(e)) => return Err(e),
-            Err(e) => return Err(format!("sim capacity task failed: {e}")),
-        }
-    }
-    let elapsed = start.elapsed();
-    let stats = sim.stats();
-    if stats.events_applied != applied {
-        return Err(format!(
-            "sim capacity: {applied} events answered as applied but the sim counted {}",
-            stats.events_applied
-        ));
-    }
-    sim.shutdown().await;
-    Ok((applied, elapsed))
+    finish_pass("sim capacity", sim, tasks, start).await
 }
 
 /// A worker without a store: the worker's own Flux client (`FluxClient`, configured as the
@@ -232,27 +205,11 @@ pub async fn client_capacity(
     time_min: Duration,
     time_max: Duration,
 ) -> Res<(u64, Duration)> {
-    let ts = now_ms();
-    let batches_n = entities.div_ceil(batch_events as u64).max(1);
-    let batches: Arc<Vec<Vec<FluxEvent>>> = Arc::new(
-        (0..batches_n)
-            .map(|b| {
-                (b * batch_events as u64..(b + 1) * batch_events as u64)
-                    .map(|e| flux_event(e, ts))
-                    .collect()
-            })
-            .collect(),
-    );
-    let (mut applied, mut sending) = (0u64, Duration::ZERO);
-    loop {
-        let left = time_max.saturating_sub(sending);
-        let (n, t) = client_pass(&batches, concurrency, read_concurrency, blind, left).await?;
-        applied += n;
-        sending += t;
-        if sending >= time_min || sending >= time_max {
-            return Ok((applied, sending));
-        }
-    }
+    let batches = Arc::new(event_batches(entities, batch_events));
+    repeat_passes(time_min, time_max, |left| {
+        client_pass(&batches, concurrency, read_concurrency, blind, left)
+    })
+    .await
 }
 
 /// One pass of [`client_capacity`] on a fresh flux-sim: every batch once (or until `time_max`).
@@ -323,20 +280,66 @@ async fn client_pass(
             }
         });
     }
+    finish_pass("client capacity", sim, tasks, start).await
+}
+
+/// Events for `entities` distinct entities (numbered from 0, one event each, shaped by
+/// [`flux_event`]) in batches of `batch_events`.
+fn event_batches(entities: u64, batch_events: usize) -> Vec<Vec<FluxEvent>> {
+    let ts = now_ms();
+    let per = batch_events.max(1) as u64;
+    (0..entities.div_ceil(per).max(1))
+        .map(|b| {
+            (b * per..(b + 1) * per)
+                .map(|e| flux_event(e, ts))
+                .collect()
+        })
+        .collect()
+}
+
+/// Runs `pass` (each on a fresh sim, given the time left) until `time_min` of sending, at most
+/// `time_max`. Returns (events applied, time spent sending) over all passes.
+async fn repeat_passes<F, Fut>(
+    time_min: Duration,
+    time_max: Duration,
+    mut pass: F,
+) -> Res<(u64, Duration)>
+where
+    F: FnMut(Duration) -> Fut,
+    Fut: std::future::Future<Output = Res<(u64, Duration)>>,
+{
+    let (mut applied, mut sending) = (0u64, Duration::ZERO);
+    loop {
+        let (n, t) = pass(time_max.saturating_sub(sending)).await?;
+        applied += n;
+        sending += t;
+        if sending >= time_min || sending >= time_max {
+            return Ok((applied, sending));
+        }
+    }
+}
+
+/// Waits for a pass's sending tasks, checks that the sim applied exactly the events they were
+/// told were applied, and shuts the sim down. Returns (events applied, time since `start`).
+async fn finish_pass(
+    what: &str,
+    sim: SimHandle,
+    mut tasks: tokio::task::JoinSet<Res<u64>>,
+    start: Instant,
+) -> Res<(u64, Duration)> {
     let mut applied = 0;
     while let Some(r) = tasks.join_next().await {
         match r {
             Ok(Ok(n)) => applied += n,
             Ok(Err(e)) => return Err(e),
-            Err(e) => return Err(format!("client capacity task failed: {e}")),
+            Err(e) => return Err(format!("{what} task failed: {e}")),
         }
     }
     let elapsed = start.elapsed();
-    let stats = sim.stats();
-    if stats.events_applied != applied {
+    let counted = sim.stats().events_applied;
+    if counted != applied {
         return Err(format!(
-            "client capacity: {applied} events answered as applied but the sim counted {}",
-            stats.events_applied
+            "{what}: {applied} events answered as applied but the sim counted {counted}"
         ));
     }
     sim.shutdown().await;
